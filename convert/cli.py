@@ -1,0 +1,53 @@
+"""`llama-convert SRC OUT`: the command-line front of the converter."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from llamafuse.formats import LlamafuseError
+from llamafuse.formats.manifest import DTYPES
+
+from .sources import open_source
+from .write import convert
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--tp", default=1, show_default=True, help="Tensor-parallel ranks to write (must divide the heads).")
+@click.option("--dtype", "dtype", default="float16", show_default=True, type=click.Choice(list(DTYPES)),
+              help="Weight dtype on disk (rotary tables are always float32).")
+@click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
+              help="Positions covered by the rotary tables [default: from the checkpoint, else 2048].")
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
+              help="SentencePiece tokenizer.model [default: found beside the checkpoint].")
+@click.option("--force", is_flag=True, help="Write into a non-empty OUT (only our own files are replaced).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def main(src: Path, out: Path, tp: int, dtype: str, max_seq_len: int | None, tokenizer: Path | None,
+         force: bool, as_json: bool) -> None:
+    """Convert a LLaMA checkpoint (Meta or Hugging Face layout, detected) in SRC to llamafuse
+    rank files in OUT: fused QKV and gate/up per rank, rotary tables, manifest, tokenizer."""
+    try:
+        source = open_source(src, max_seq_len)
+        c = source.config
+        click.echo(f"{source.layout} checkpoint: {c.n_layers} layers, dim {c.dim}, {c.n_heads} heads "
+                   f"({c.n_kv_heads} kv), ffn {c.ffn_dim}, vocab {c.vocab_size}; writing tp={tp} {dtype}", err=True)
+        summary = convert(source, out, tp, dtype, force=force, tokenizer=tokenizer, progress=True)
+    except LlamafuseError as e:
+        click.echo(f"llama-convert: error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("llama-convert: interrupted; nothing was written to the destination", err=True)
+        sys.exit(130)
+    total = sum(n for _, n in summary.files)
+    if as_json:
+        click.echo(json.dumps({"out": str(summary.out), "files": dict(summary.files), "bytes": total,
+                               "seconds": round(summary.seconds, 3)}))
+        return
+    for name, n in summary.files:
+        click.echo(f"  {name:32s} {n / 1e6:12.2f} MB")
+    click.echo(f"wrote {len(summary.files)} files, {total / 1e9:.3f} GB to {summary.out} "
+               f"in {summary.seconds:.1f} s ({total / 1e9 / max(summary.seconds, 1e-9):.2f} GB/s)")

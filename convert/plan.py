@@ -1,0 +1,64 @@
+"""Pure functions from full source tensors to one rank's fused tensors (no I/O)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from llamafuse.formats import ModelConfig, RankLayout
+from llamafuse.formats import names
+
+
+def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder q/k rows from Meta's interleaved rotary pairs (2i, 2i+1) to rotate-half (i, i+d/2)."""
+    rows, dim = w.shape
+    hd = rows // n_heads
+    return w.reshape(n_heads, hd // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_seq_len, head_dim/2] float32, computed in float64."""
+    hd = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def _heads(w: torch.Tensor, heads: range, head_dim: int) -> torch.Tensor:
+    return w[heads.start * head_dim: heads.stop * head_dim]
+
+
+def layer_tensors(get: Callable[[str], torch.Tensor], i: int, lay: RankLayout, rotary: str,
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The fused tensors of layer `i` for one rank. `get(part)` returns the full source tensor."""
+    c, hd = lay.config, lay.config.head_dim
+    wq, wk = get("wq"), get("wk")
+    if rotary == "interleaved":
+        wq, wk = interleaved_to_half(wq, c.n_heads), interleaved_to_half(wk, c.n_kv_heads)
+    q = _heads(wq, lay.heads, hd)
+    k = _heads(wk, lay.kv_heads, hd)
+    v = _heads(get("wv"), lay.kv_heads, hd)
+    ffn = slice(lay.ffn.start, lay.ffn.stop)
+    cols = slice(lay.heads.start * hd, lay.heads.stop * hd)
+    out = {
+        names.ATTN_NORM: get("attn_norm"),
+        names.QKV: torch.cat([q, k, v]),
+        names.O: get("wo")[:, cols],
+        names.FFN_NORM: get("ffn_norm"),
+        names.GATE_UP: torch.cat([get("w1")[ffn], get("w3")[ffn]]),
+        names.DOWN: get("w2")[:, ffn],
+    }
+    return {names.layer(i, k): t.to(dtype).contiguous() for k, t in out.items()}
+
+
+def head_tensors(get: Callable[[str], torch.Tensor], dtype: torch.dtype,
+                 rope: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What every rank file starts with: the replicated embedding and the rotary tables."""
+    return {names.EMBED: get("embed").to(dtype).contiguous(), names.ROPE_COS: rope[0], names.ROPE_SIN: rope[1]}
+
+
+def tail_tensors(get: Callable[[str], torch.Tensor], lay: RankLayout, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """What every rank file ends with: the final norm and its rows of the vocab-parallel output head."""
+    vocab = slice(lay.vocab.start, lay.vocab.stop)
+    return {names.NORM: get("norm").to(dtype).contiguous(),
+            names.OUTPUT: get("output")[vocab].to(dtype).contiguous()}

@@ -1,0 +1,169 @@
+"""Stream a Source into per-rank safetensors files, atomically, with bounded memory."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import sentencepiece as spm
+import torch
+from tqdm import tqdm
+
+from llamafuse.formats import FORMAT_NAME, LlamafuseError, Manifest, RankFile, RankLayout, check_tp
+from llamafuse.formats.layout import rank_tensor_specs
+from llamafuse.formats.manifest import DTYPES, MANIFEST, rank_file_name
+from llamafuse.formats.tensorfile import fsync, pad_to, plan_header, write_tensor
+
+from .plan import head_tensors, layer_tensors, rope_tables, tail_tensors
+from .sources import Source
+
+TOKENIZER = "tokenizer.model"
+
+
+@dataclass(frozen=True)
+class Summary:
+    out: Path
+    files: list[tuple[str, int]]
+    seconds: float
+
+
+def check_destination(out: Path, src: Path, force: bool) -> None:
+    if out.resolve() == src.resolve():
+        raise LlamafuseError(f"{out}: the destination is the source folder")
+    if out.exists() and not out.is_dir():
+        raise LlamafuseError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise LlamafuseError(f"{out}: exists and is not empty (use --force to write into it)")
+
+
+def check_tokenizer(path: Path, vocab_size: int) -> None:
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:
+        raise LlamafuseError(f"{path}: not a SentencePiece model ({str(e).splitlines()[0][:100]})") from None
+    if sp.vocab_size() != vocab_size:
+        raise LlamafuseError(f"{path}: tokenizer has {sp.vocab_size()} pieces but the model's vocabulary is {vocab_size}")
+
+
+def _groups(src: Source, tp: int, dtype: torch.dtype) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Per group (head, each layer, tail): one dict of fused tensors per rank, in file order."""
+    c = src.config
+    lays = [RankLayout(c, tp, r) for r in range(tp)]
+    head = head_tensors(src.tensor, dtype, rope_tables(c))
+    yield [head] * tp
+    del head
+    for i in range(c.n_layers):
+        cache: dict[str, torch.Tensor] = {}
+
+        def get(part: str, i: int = i) -> torch.Tensor:
+            if part not in cache:
+                cache[part] = src.tensor(f"layers.{i}.{part}")
+            return cache[part]
+        yield [layer_tensors(get, i, lay, src.rotary, dtype) for lay in lays]
+    yield [tail_tensors(src.tensor, lay, dtype) for lay in lays]
+
+
+def _write_shards(src: Source, tmp: Path, tp: int, dtype: torch.dtype, progress: bool) -> list[RankFile]:
+    specs = rank_tensor_specs(src.config, tp)
+    entries = [(n, torch.float32 if rope else dtype, shape) for n, shape, rope in specs]
+    header, offsets = plan_header(entries, {"format": FORMAT_NAME, "tp": str(tp)})
+    size = offsets[-1] + entries[-1][1].itemsize * _numel(entries[-1][2]) if entries else len(header)
+    files = [open(tmp / rank_file_name(r, tp), "wb") for r in range(tp)]
+    hashes = [hashlib.sha256() for _ in range(tp)]
+    bar = tqdm(total=size * tp, unit="B", unit_scale=True, unit_divisor=1024, desc="writing",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        for f, h in zip(files, hashes):
+            f.write(header)
+            h.update(header)
+        k = 0  # index into entries, the same for all ranks
+        for group in _groups(src, tp, dtype):
+            for name in group[0]:
+                ename, edtype, eshape = entries[k]
+                for r, (f, h) in enumerate(zip(files, hashes)):
+                    t = group[r][name]
+                    if name != ename or t.dtype != edtype or tuple(t.shape) != eshape:
+                        raise RuntimeError(f"plan mismatch at {name}: {t.dtype} {tuple(t.shape)} vs {ename} {edtype} {eshape}")
+                    h.update(pad_to(f, offsets[k]))
+                    h.update(write_tensor(f, t))
+                    bar.update(t.numel() * t.element_size())
+                k += 1
+        for f in files:
+            fsync(f)
+    finally:
+        for f in files:
+            f.close()
+        bar.close()
+    return [RankFile(r, rank_file_name(r, tp), size, h.hexdigest()) for r, h in enumerate(hashes)]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def planned_bytes(src: Source, tp: int, dtype: torch.dtype) -> int:
+    specs = rank_tensor_specs(src.config, tp)
+    return tp * sum(_numel(s) * (4 if rope else dtype.itemsize) + 64 for _, s, rope in specs)
+
+
+def convert(src: Source, out: Path, tp: int, dtype_name: str, force: bool = False,
+            tokenizer: Path | None = None, progress: bool = True) -> Summary:
+    """Convert `src` into `out`. Nothing appears in `out` until every file is complete."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    if dtype_name not in DTYPES:
+        raise LlamafuseError(f"--dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
+    dtype = DTYPES[dtype_name]
+    check_tp(src.config, tp)
+    check_destination(out, src.path, force)
+    tok = tokenizer or src.tokenizer
+    if tok is None:
+        raise LlamafuseError(f"{src.path}: no tokenizer.model found beside the checkpoint (pass --tokenizer)")
+    if not Path(tok).is_file():
+        raise LlamafuseError(f"{tok}: tokenizer not found")
+    check_tokenizer(Path(tok), src.config.vocab_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    need, free = planned_bytes(src, tp, dtype), shutil.disk_usage(out.parent).free
+    if need > free:
+        raise LlamafuseError(f"{out.parent}: not enough disk space ({need / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free)")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        ranks = _write_shards(src, tmp, tp, dtype, progress)
+        shutil.copyfile(tok, tmp / TOKENIZER)
+        manifest = Manifest(src.config, dtype_name, tp, tuple(ranks), TOKENIZER,
+                            {"layout": src.layout, "path": str(src.path.resolve())})
+        (tmp / MANIFEST).write_text(manifest.to_json())
+        _publish(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise LlamafuseError(f"{out}: disk full while writing ({need / 1e9:.1f} GB needed)") from None
+        raise LlamafuseError(f"{out}: write failed ({e.strerror or e})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    files = [(r.file, r.bytes) for r in ranks] + [(TOKENIZER, (out / TOKENIZER).stat().st_size),
+                                                   (MANIFEST, (out / MANIFEST).stat().st_size)]
+    return Summary(out, files, time.perf_counter() - t0)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished files into place; the manifest comes last, so it marks completion."""
+    if not out.exists() or not any(out.iterdir()):
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+        return
+    (out / MANIFEST).unlink(missing_ok=True)  # a stale manifest must not describe new shards
+    for f in sorted(tmp.iterdir(), key=lambda p: p.name == MANIFEST):
+        os.replace(f, out / f.name)
+    tmp.rmdir()

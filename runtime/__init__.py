@@ -1,0 +1,1 @@
+"""llama-run: load llamafuse rank files onto devices and evaluate them."""

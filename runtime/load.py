@@ -1,0 +1,85 @@
+"""Open a converted folder: validate the manifest and a rank file, map its tensors onto a device."""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from llamafuse.formats import LlamafuseError, Manifest, load_manifest, rank_tensor_specs
+from llamafuse.formats.tensorfile import MappedFile, TensorInfo, read_header
+
+CHUNK = 64 << 20
+
+
+def check_rank_file(folder: Path, manifest: Manifest, rank: int) -> dict[str, TensorInfo]:
+    """Cheap integrity checks: size, header, and exactly the tensors the format prescribes."""
+    rf = manifest.ranks[rank]
+    path = Path(folder) / rf.file
+    if not path.is_file():
+        raise LlamafuseError(f"{path}: rank file missing")
+    size = path.stat().st_size
+    if size != rf.bytes:
+        raise LlamafuseError(f"{path}: {size} bytes, but the manifest says {rf.bytes} (truncated or replaced?)")
+    infos, _ = read_header(path)
+    specs = rank_tensor_specs(manifest.config, manifest.tp)
+    if set(infos) != {n for n, _, _ in specs}:
+        missing = sorted({n for n, _, _ in specs} - set(infos))[:3]
+        raise LlamafuseError(f"{path}: tensors do not match the manifest (missing e.g. {missing})")
+    for name, shape, rope in specs:
+        want = torch.float32 if rope else manifest.torch_dtype
+        t = infos[name]
+        if t.shape != shape or t.dtype != want:
+            raise LlamafuseError(f"{path}: tensor '{name}' is {t.dtype} {t.shape}, expected {want} {shape}")
+    return infos
+
+
+def load_rank(folder: Path, manifest: Manifest, rank: int, device: torch.device,
+              threads: int = 8) -> dict[str, torch.Tensor]:
+    """Tensors of rank file `rank` on `device`. CPU: zero-copy mmap views. CUDA: the file is
+    streamed through pinned buffers by several threads straight into one device allocation."""
+    infos = check_rank_file(folder, manifest, rank)
+    path = Path(folder) / manifest.ranks[rank].file
+    if device.type == "cpu":
+        mf = MappedFile(path)
+        return {n: mf.get(n) for n in infos}
+    buf = _copy_file_to_device(path, device, threads)
+    return {n: buf[t.begin:t.end].view(t.dtype).view(t.shape) for n, t in infos.items()}
+
+
+def _copy_file_to_device(path: Path, device: torch.device, threads: int) -> torch.Tensor:
+    size = path.stat().st_size
+    dev = torch.empty(size, dtype=torch.uint8, device=device)
+    chunks = [(o, min(CHUNK, size - o)) for o in range(0, size, CHUNK)]
+    fd = os.open(path, os.O_RDONLY)
+    local = threading.local()
+
+    def work(chunk: tuple[int, int]) -> None:
+        off, n = chunk
+        if not hasattr(local, "bufs"):
+            local.bufs = [torch.empty(CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            local.events = [None, None]
+            local.stream = torch.cuda.Stream(device)
+            local.k = 0
+        k = local.k = local.k ^ 1
+        if local.events[k] is not None:
+            local.events[k].synchronize()   # this pinned buffer's previous copy is done
+        host = local.bufs[k]
+        got = os.preadv(fd, [memoryview(host.numpy())[:n]], off)
+        if got != n:
+            raise LlamafuseError(f"{path}: short read at byte {off} (file changed while loading?)")
+        with torch.cuda.stream(local.stream):
+            dev[off:off + n].copy_(host[:n], non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(local.stream)
+        local.events[k] = ev
+
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(work, chunks))
+        torch.cuda.synchronize(device)
+    finally:
+        os.close(fd)
+    return dev
