@@ -8,8 +8,11 @@ from pathlib import Path
 
 import torch
 
-from llamafuse.formats import LlamafuseError, Manifest, load_manifest, rank_tensor_specs
+from llamafuse.formats import LlamafuseError, Manifest, RankLayout, rank_tensor_specs
 from llamafuse.formats.tensorfile import MappedFile, TensorInfo, read_header
+
+from .model import AttentionFn, Model
+from .parallel import Context, all_ok
 
 CHUNK = 64 << 20
 
@@ -83,3 +86,16 @@ def _copy_file_to_device(path: Path, device: torch.device, threads: int) -> torc
     finally:
         os.close(fd)
     return dev
+
+
+def open_model(ctx: Context, folder: Path, manifest: Manifest, attention: AttentionFn | None = None) -> Model:
+    """Load this rank's file onto its device and build the model; all ranks fail together."""
+    error = None
+    try:
+        tensors = load_rank(folder, manifest, ctx.tp_rank, ctx.device)
+    except LlamafuseError as e:
+        error = e
+    if not all_ok(ctx, error is None):
+        raise error or LlamafuseError(f"{folder}: another rank failed to load its file")
+    kwargs = {"attention": attention} if attention else {}
+    return Model(manifest.config, RankLayout(manifest.config, manifest.tp, ctx.tp_rank), tensors, ctx.tp_group, **kwargs)

@@ -1,0 +1,139 @@
+"""Score HellaSwag items with a loaded model: pack, run, sum continuation log-likelihoods."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from llamafuse.formats import LlamafuseError, load_manifest
+
+from .hellaswag import Item, sample_record
+from .load import open_model
+from .model import Batch, Model, make_batch
+from .parallel import Context
+
+
+@dataclass(frozen=True)
+class Settings:
+    batch_tokens: int
+    samples: Path | None     # samples.jsonl to append to (replica leaders write)
+    progress: bool = True
+
+
+def pack(items: list[Item], batch_tokens: int) -> list[list[int]]:
+    """Indices of `items` grouped into batches of at most ~batch_tokens tokens, longest first.
+
+    Sorting by length keeps each batch's padded attention blocks tight; an item longer than the
+    budget gets a batch of its own.
+    """
+    order = sorted(range(len(items)), key=lambda i: -items[i].n_tokens)
+    batches: list[list[int]] = []
+    size = batch_tokens + 1
+    for i in order:
+        n = items[i].n_tokens
+        if size + n > batch_tokens:
+            batches.append([])
+            size = 0
+        batches[-1].append(i)
+        size += n
+    return batches
+
+
+def item_batch(items: list[Item]) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+    """The packed batch, the target token of each scored position, and its (item, ending) slot.
+
+    Ending j of length L is scored at the context's last token and its own first L-1 tokens.
+    """
+    select, targets, slot = [], [], []
+    start = 0
+    for k, it in enumerate(items):
+        last_ctx = start + len(it.context) - 1
+        pos = start + len(it.context)
+        for j, e in enumerate(it.endings):
+            select += [last_ctx] + list(range(pos, pos + len(e) - 1))
+            targets += e
+            slot += [4 * k + j] * len(e)
+            pos += len(e)
+        start = pos
+    batch = make_batch([(it.context, [list(e) for e in it.endings]) for it in items], select)
+    return batch, torch.tensor(targets, dtype=torch.long), torch.tensor(slot, dtype=torch.long)
+
+
+def score_batch(model: Model, items: list[Item], device: torch.device) -> torch.Tensor:
+    """[len(items), 4] float64 summed log-likelihoods, left on `device` (no host sync)."""
+    batch, targets, slot = item_batch(items)
+    lp = model.target_logprobs(batch.to(device), targets.to(device, non_blocking=True))
+    out = torch.zeros(4 * len(items), dtype=torch.float64, device=device)
+    return out.index_add_(0, slot.to(device, non_blocking=True), lp.double()).view(-1, 4)
+
+
+def _append(path: Path, records: list[dict]) -> None:
+    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)  # one write per batch: whole lines, even with several writers
+    finally:
+        os.close(fd)
+
+
+def hellaswag_worker(ctx: Context, folder: Path, items: list[Item], settings: Settings) -> dict | None:
+    """Every rank runs this; returns {doc_id: lls} and timings on global rank 0."""
+    t0 = time.perf_counter()
+    manifest = load_manifest(folder)
+    model = open_model(ctx, folder, manifest)
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+    load_s = time.perf_counter() - t0
+    batches = pack(items, settings.batch_tokens)[ctx.replica::ctx.replicas]
+    leader = ctx.tp_rank == 0
+    total = sum(items[i].n_tokens for b in batches for i in b)
+    bar = tqdm(total=sum(len(b) for b in batches), unit="item", dynamic_ncols=True,
+               disable=not (settings.progress and ctx.is_main), desc=f"hellaswag x{ctx.replicas}" if ctx.replicas > 1 else "hellaswag")
+    results: dict[int, list[float]] = {}
+    done_tokens = 0
+    t1 = time.perf_counter()
+
+    def collect(its: list[Item], lls: torch.Tensor) -> None:
+        nonlocal done_tokens
+        rows = lls.cpu().tolist()                       # waits for this batch only
+        recs = [sample_record(it, r) for it, r in zip(its, rows)]
+        for it, r in zip(its, rows):
+            results[it.doc_id] = r
+        if leader and settings.samples:
+            _append(settings.samples, recs)
+        done_tokens += sum(it.n_tokens for it in its)
+        bar.update(len(its))
+        bar.set_postfix_str(f"{done_tokens / (time.perf_counter() - t1):,.0f} tok/s", refresh=False)
+
+    pending = None
+    try:
+        for b in batches:
+            its = [items[i] for i in b]
+            lls = score_batch(model, its, ctx.device)    # queued on the device
+            if pending:
+                collect(*pending)                        # the previous batch, while this one runs
+            pending = (its, lls)
+        if pending:
+            collect(*pending)
+    except torch.cuda.OutOfMemoryError:
+        raise LlamafuseError(f"out of GPU memory at --batch-tokens {settings.batch_tokens}; "
+                             f"try --batch-tokens {settings.batch_tokens // 2}") from None
+    finally:
+        bar.close()
+    eval_s = time.perf_counter() - t1
+    if ctx.world > 1:
+        gathered: list[dict] | None = [{} for _ in range(ctx.world)] if ctx.is_main else None
+        dist.gather_object({"results": results if leader else {}, "eval_s": eval_s}, gathered, dst=0)
+        if not ctx.is_main:
+            return None
+        results = {k: v for g in gathered for k, v in g["results"].items()}
+        eval_s = max(g["eval_s"] for g in gathered)
+        total = sum(it.n_tokens for it in items)
+    return {"lls": results, "load_s": load_s, "eval_s": eval_s, "tokens": total,
+            "device": str(ctx.device), "replicas": ctx.replicas}
