@@ -115,13 +115,15 @@ def main() -> None:
               help="Tokens per packed batch [default: 16384 on CUDA, 2048 on CPU].")
 @click.option("--replicas", type=click.IntRange(min=1), default=None,
               help="Data-parallel copies of the model [default: all GPUs / tp; 1 on CPU].")
+@click.option("--attention", type=click.Choice(["auto", "blocks", "flex"]), default="auto", show_default=True,
+              help="Attention kernel: flex (FlexAttention, sm80+) or blocks (SDPA with a mask: CPU, V100).")
 @click.option("--resume", is_flag=True, help="Keep the items already in --samples and score the rest.")
 @click.option("--force", is_flag=True, help="Overwrite existing --output/--samples files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results JSON instead of a table.")
 @user_errors
 def hellaswag_cmd(out: Path, data: str | None, limit: int | None, bos: bool, device: str | None,
                   output: Path | None, samples: Path | None, batch_tokens: int | None, replicas: int | None,
-                  resume: bool, force: bool, as_json: bool) -> None:
+                  attention: str, resume: bool, force: bool, as_json: bool) -> None:
     """Score the HellaSwag validation split (acc, acc_norm) exactly as lm-evaluation-harness."""
     m = load_manifest(out)
     dev = _device(device)
@@ -143,7 +145,7 @@ def hellaswag_cmd(out: Path, data: str | None, limit: int | None, bos: bool, dev
     todo = [it for it in items if it.doc_id not in done]
     run = {"lls": {}, "load_s": 0.0, "eval_s": 0.0, "tokens": 0, "device": dev, "replicas": n_rep}
     if todo:
-        run = launch(hellaswag_worker, m.tp, n_rep, dev, out, todo, Settings(batch_tokens, samples))
+        run = launch(hellaswag_worker, m.tp, n_rep, dev, out, todo, Settings(batch_tokens, samples, attention))
     lls = {**done, **run["lls"]}
     metrics = hellaswag.score(items, [lls[it.doc_id] for it in items])
     result = {
@@ -152,7 +154,7 @@ def hellaswag_cmd(out: Path, data: str | None, limit: int | None, bos: bool, dev
                    "tokens": run["tokens"], "tokens_per_s": round(run["tokens"] / max(run["eval_s"], 1e-9), 1),
                    "items": len(todo), "resumed_items": len(items) - len(todo)},
         "settings": {"model": str(out), "dtype": m.dtype, "tp": m.tp, "replicas": n_rep, "device": dev,
-                     "bos": bos, "batch_tokens": batch_tokens, "data": data or hellaswag.HUB_ID, "limit": limit},
+                     "bos": bos, "batch_tokens": batch_tokens, "attention": attention, "data": data or hellaswag.HUB_ID, "limit": limit},
     }
     if output:
         _write_atomic(output, (json.dumps(result, indent=2) + "\n").encode())

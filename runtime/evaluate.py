@@ -15,7 +15,7 @@ from llamafuse.formats import LlamafuseError, load_manifest
 
 from .hellaswag import Item, sample_record
 from .load import open_model
-from .model import Batch, Model, make_batch
+from .model import Batch, FlexAttention, Model, make_batch
 from .parallel import Context
 
 
@@ -23,29 +23,32 @@ from .parallel import Context
 class Settings:
     batch_tokens: int
     samples: Path | None     # samples.jsonl to append to (replica leaders write)
+    attention: str = "auto"  # "auto", "blocks" (SDPA + mask, any device) or "flex" (sm80+)
     progress: bool = True
 
 
 def pack(items: list[Item], batch_tokens: int) -> list[list[int]]:
-    """Indices of `items` grouped into batches of at most ~batch_tokens tokens, longest first.
+    """Indices of `items` in batches of at most batch_tokens tokens (first-fit decreasing).
 
-    Sorting by length keeps each batch's padded attention blocks tight; an item longer than the
-    budget gets a batch of its own.
+    Longest items first; each goes into the first batch with room, so short items fill the
+    gaps and batches come out nearly full. An item longer than the budget gets its own batch.
     """
     order = sorted(range(len(items)), key=lambda i: -items[i].n_tokens)
     batches: list[list[int]] = []
-    size = batch_tokens + 1
+    room: list[int] = []
     for i in order:
         n = items[i].n_tokens
-        if size + n > batch_tokens:
+        k = next((k for k, r in enumerate(room) if r >= n), None)
+        if k is None:
             batches.append([])
-            size = 0
-        batches[-1].append(i)
-        size += n
+            room.append(batch_tokens)
+            k = len(room) - 1
+        batches[k].append(i)
+        room[k] -= n
     return batches
 
 
-def item_batch(items: list[Item]) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+def item_batch(items: list[Item], pad_to: int | None = None) -> tuple[Batch, torch.Tensor, torch.Tensor]:
     """The packed batch, the target token of each scored position, and its (item, ending) slot.
 
     Ending j of length L is scored at the context's last token and its own first L-1 tokens.
@@ -61,13 +64,13 @@ def item_batch(items: list[Item]) -> tuple[Batch, torch.Tensor, torch.Tensor]:
             slot += [4 * k + j] * len(e)
             pos += len(e)
         start = pos
-    batch = make_batch([(it.context, [list(e) for e in it.endings]) for it in items], select)
+    batch = make_batch([(it.context, [list(e) for e in it.endings]) for it in items], select, pad_to)
     return batch, torch.tensor(targets, dtype=torch.long), torch.tensor(slot, dtype=torch.long)
 
 
-def score_batch(model: Model, items: list[Item], device: torch.device) -> torch.Tensor:
+def score_batch(model: Model, items: list[Item], device: torch.device, pad_to: int | None = None) -> torch.Tensor:
     """[len(items), 4] float64 summed log-likelihoods, left on `device` (no host sync)."""
-    batch, targets, slot = item_batch(items)
+    batch, targets, slot = item_batch(items, pad_to)
     lp = model.target_logprobs(batch.to(device), targets.to(device, non_blocking=True))
     out = torch.zeros(4 * len(items), dtype=torch.float64, device=device)
     return out.index_add_(0, slot.to(device, non_blocking=True), lp.double()).view(-1, 4)
@@ -86,7 +89,9 @@ def hellaswag_worker(ctx: Context, folder: Path, items: list[Item], settings: Se
     """Every rank runs this; returns {doc_id: lls} and timings on global rank 0."""
     t0 = time.perf_counter()
     manifest = load_manifest(folder)
-    model = open_model(ctx, folder, manifest)
+    model = open_model(ctx, folder, manifest, settings.attention)
+    # Compiled kernels want one shape: pad every batch to the budget (first-fit keeps them full).
+    pad_to = settings.batch_tokens if isinstance(model.attention, FlexAttention) else None
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     load_s = time.perf_counter() - t0
@@ -115,7 +120,7 @@ def hellaswag_worker(ctx: Context, folder: Path, items: list[Item], settings: Se
     try:
         for b in batches:
             its = [items[i] for i in b]
-            lls = score_batch(model, its, ctx.device)    # queued on the device
+            lls = score_batch(model, its, ctx.device, pad_to)  # queued on the device
             if pending:
                 collect(*pending)                        # the previous batch, while this one runs
             pending = (its, lls)

@@ -11,7 +11,7 @@ import torch
 from llamafuse.formats import LlamafuseError, Manifest, RankLayout, rank_tensor_specs
 from llamafuse.formats.tensorfile import MappedFile, TensorInfo, read_header
 
-from .model import AttentionFn, Model
+from .model import BlockAttention, FlexAttention, Model
 from .parallel import Context, all_ok
 
 CHUNK = 64 << 20
@@ -88,7 +88,16 @@ def _copy_file_to_device(path: Path, device: torch.device, threads: int) -> torc
     return dev
 
 
-def open_model(ctx: Context, folder: Path, manifest: Manifest, attention: AttentionFn | None = None) -> Model:
+def fast_path(device: torch.device, attention: str = "auto") -> tuple[BlockAttention | FlexAttention, bool]:
+    """(attention backend, compile?) for a device: FlexAttention and torch.compile on sm80+;
+    SDPA with explicit masks, uncompiled, on the CPU and on older GPUs such as the V100 (sm70)."""
+    modern = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    if attention == "auto":
+        attention = "flex" if modern else "blocks"
+    return (FlexAttention() if attention == "flex" else BlockAttention()), modern
+
+
+def open_model(ctx: Context, folder: Path, manifest: Manifest, attention: str = "auto") -> Model:
     """Load this rank's file onto its device and build the model; all ranks fail together."""
     error = None
     try:
@@ -97,5 +106,6 @@ def open_model(ctx: Context, folder: Path, manifest: Manifest, attention: Attent
         error = e
     if not all_ok(ctx, error is None):
         raise error or LlamafuseError(f"{folder}: another rank failed to load its file")
-    kwargs = {"attention": attention} if attention else {}
-    return Model(manifest.config, RankLayout(manifest.config, manifest.tp, ctx.tp_rank), tensors, ctx.tp_group, **kwargs)
+    backend, compile = fast_path(ctx.device, attention)
+    return Model(manifest.config, RankLayout(manifest.config, manifest.tp, ctx.tp_rank), tensors, ctx.tp_group,
+                 backend, compile)

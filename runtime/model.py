@@ -9,7 +9,7 @@ a HellaSwag item is its context (branch 0) followed by its four endings (branche
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,18 +26,18 @@ class Batch:
     item: torch.Tensor       # [N] int64, which sequence-group
     branch: torch.Tensor     # [N] int64, 0 = shared prefix, j = continuation j
     select: torch.Tensor     # [M] int64, tokens whose next-token logits are needed
-    # Padded per-item view for attention: pad_index [B*S] packed index of each slot (0 for
-    # padding), unpad_index [N] slot of each packed token, mask [B, 1, S, S] bool.
-    pad_index: torch.Tensor
-    unpad_index: torch.Tensor
-    mask: torch.Tensor
+    starts: torch.Tensor     # [G + 1] int64, where each group starts in the packed row, then N
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(*(getattr(self, f).to(device, non_blocking=True) for f in self.__dataclass_fields__))
 
 
-def make_batch(groups: list[tuple[list[int], list[list[int]]]], select: list[int]) -> Batch:
-    """Pack (prefix, [continuations]) groups; `select` indexes the packed tokens to score."""
+def make_batch(groups: list[tuple[list[int], list[list[int]]]], select: list[int], pad_to: int | None = None) -> Batch:
+    """Pack (prefix, [continuations]) groups; `select` indexes the packed tokens to score.
+
+    With `pad_to`, filler tokens (a causal group of their own) make the row exactly that long,
+    so every batch has one shape.
+    """
     toks, pos, item, branch, starts = [], [], [], [], []
     for g, (prefix, conts) in enumerate(groups):
         starts.append(len(toks))
@@ -50,46 +50,79 @@ def make_batch(groups: list[tuple[list[int], list[list[int]]]], select: list[int
             pos += range(len(prefix), len(prefix) + len(cont))
             item += [g] * len(cont)
             branch += [j] * len(cont)
-    n = len(toks)
-    starts.append(n)
-    lens = [b - a for a, b in zip(starts, starts[1:])]
-    B, S = len(groups), max(lens)
-    slot = torch.arange(B * S).view(B, S)
-    valid = torch.arange(S)[None, :] < torch.tensor(lens)[:, None]            # [B, S]
-    pad_index = torch.zeros(B, S, dtype=torch.long)
-    start_t = torch.tensor(starts[:-1])
-    pad_index[valid] = (start_t[:, None] + torch.arange(S)[None, :])[valid]
-    unpad_index = slot[valid]
-    br = torch.tensor(branch, dtype=torch.long)
-    br_pad = torch.where(valid, br[pad_index], -1)                             # [B, S]
-    causal = torch.ones(S, S, dtype=torch.bool).tril()
-    same = (br_pad[:, None, :] == 0) | (br_pad[:, None, :] == br_pad[:, :, None])
-    mask = causal & same & valid[:, None, :]
-    mask |= torch.eye(S, dtype=torch.bool) & ~valid[:, :, None]                # padding sees itself
-    return Batch(torch.tensor(toks, dtype=torch.long), torch.tensor(pos, dtype=torch.long),
-                 torch.tensor(item, dtype=torch.long), br, torch.tensor(select, dtype=torch.long),
-                 pad_index.view(-1), unpad_index, mask[:, None])
+    if pad_to is not None and pad_to > len(toks):
+        n = pad_to - len(toks)
+        starts.append(len(toks))
+        toks += [0] * n
+        pos += range(n)
+        item += [len(groups)] * n
+        branch += [0] * n
+    starts.append(len(toks))
+    return Batch(*(torch.tensor(x, dtype=torch.long) for x in (toks, pos, item, branch, select, starts)))
 
 
-def attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: Batch) -> torch.Tensor:
-    """SDPA over each group padded to the batch's longest, with an explicit mask.
+class BlockAttention:
+    """SDPA over each group padded to the batch's longest, with an explicit boolean mask.
 
-    q [N, H, hd], k/v [N, KV, hd] -> [N, H*hd]. Works on CPU and on every CUDA capability
-    (the memory-efficient kernel takes the mask on sm70).
+    Works on the CPU and on every CUDA capability (on sm70 the memory-efficient kernel takes
+    the mask); the masked N x N problem becomes B small S x S ones.
     """
-    N, H, hd = q.shape
-    B, S = b.mask.shape[0], b.mask.shape[-1]
 
-    def pad(x: torch.Tensor) -> torch.Tensor:                                   # -> [B, heads, S, hd]
-        return x[b.pad_index].view(B, S, x.shape[1], hd).transpose(1, 2)
-    qp, kp, vp = pad(q), pad(k), pad(v)
-    if kp.shape[1] != H:
-        kp, vp = kp.repeat_interleave(H // kp.shape[1], 1), vp.repeat_interleave(H // vp.shape[1], 1)
-    o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=b.mask)          # [B, H, S, hd]
-    return o.transpose(1, 2).reshape(B * S, H * hd)[b.unpad_index]
+    def prepare(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pad_index [B*S], unpad_index [N], mask [B, 1, S, S]) for this batch."""
+        starts = b.starts
+        lens = starts[1:] - starts[:-1]
+        B, S = lens.numel(), int(lens.max())
+        ar = torch.arange(S, device=starts.device)
+        valid = ar[None, :] < lens[:, None]                                       # [B, S]
+        pad_index = torch.where(valid, starts[:-1, None] + ar[None, :], 0)
+        unpad_index = torch.arange(B * S, device=starts.device).view(B, S)[valid]
+        br = torch.where(valid, b.branch[pad_index], -1)                          # [B, S]
+        causal = torch.ones(S, S, dtype=torch.bool, device=starts.device).tril()
+        mask = causal & ((br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])) & valid[:, None, :]
+        mask |= torch.eye(S, dtype=torch.bool, device=starts.device) & ~valid[:, :, None]  # padding sees itself
+        return pad_index.view(-1), unpad_index, mask[:, None]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any) -> torch.Tensor:
+        """q [N, H, hd], k/v [N, KV, hd] -> [N, H*hd]."""
+        pad_index, unpad_index, mask = state
+        N, H, hd = q.shape
+        B, S = mask.shape[0], mask.shape[-1]
+
+        def pad(x: torch.Tensor) -> torch.Tensor:                                 # -> [B, heads, S, hd]
+            return x[pad_index].view(B, S, x.shape[1], hd).transpose(1, 2)
+        qp, kp, vp = pad(q), pad(k), pad(v)
+        if kp.shape[1] != H:
+            kp, vp = kp.repeat_interleave(H // kp.shape[1], 1), vp.repeat_interleave(H // vp.shape[1], 1)
+        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask)           # [B, H, S, hd]
+        return o.transpose(1, 2).reshape(B * S, H * hd)[unpad_index]
 
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Batch], torch.Tensor]
+class FlexAttention:
+    """FlexAttention over the packed row with a block-sparse mask (no padding, no copies).
+
+    For sm80+ GPUs; the kernel is compiled once per batch shape, so pad batches to one length.
+    """
+
+    def __init__(self) -> None:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        self._create = create_block_mask
+        self._flex = torch.compile(flex_attention, dynamic=False)
+
+    def prepare(self, b: Batch) -> Any:
+        item, branch = b.item, b.branch
+
+        def visible(_b: Any, _h: Any, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
+            same = item[qi] == item[ki]
+            return same & (ki <= qi) & ((branch[ki] == 0) | (branch[ki] == branch[qi]))
+        n = item.numel()
+        return self._create(visible, None, None, n, n, device=item.device)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any) -> torch.Tensor:
+        N, H, hd = q.shape
+        o = self._flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                       block_mask=state, enable_gqa=k.shape[1] != H)                # [1, H, N, hd]
+        return o[0].transpose(0, 1).reshape(N, H * hd)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -106,8 +139,12 @@ class Model:
     """One rank's share of the model; `group` is its tensor-parallel process group (or None)."""
 
     def __init__(self, config: ModelConfig, lay: RankLayout, tensors: dict[str, torch.Tensor],
-                 group: dist.ProcessGroup | None = None, attention: AttentionFn = attention_blocks):
-        self.c, self.lay, self.w, self.group, self.attention = config, lay, tensors, group, attention
+                 group: dist.ProcessGroup | None = None, attention: BlockAttention | FlexAttention | None = None,
+                 compile: bool = False):
+        self.c, self.lay, self.w, self.group = config, lay, tensors, group
+        self.attention = attention or BlockAttention()
+        if compile:  # fuses norms, rotary, SiLU and residual adds; one graph for all layers
+            self._block = torch.compile(self._block, dynamic=False)
         self.q_size = lay.n_heads * config.head_dim
         self.kv_size = lay.n_kv_heads * config.head_dim
 
@@ -116,17 +153,23 @@ class Model:
             dist.all_reduce(x, group=self.group)
         return x
 
-    def layer(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, b: Batch) -> torch.Tensor:
-        w, c, hd = self.w, self.c, self.c.head_dim
-        x = rms_norm(h, w[names.layer(i, names.ATTN_NORM)], c.norm_eps)
-        q, k, v = (x @ w[names.layer(i, names.QKV)].T).split([self.q_size, self.kv_size, self.kv_size], -1)
+    def layer(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Any) -> torch.Tensor:
+        return self._block(h, cos, sin, attn, *(self.w[names.layer(i, p)] for p in names.LAYER_PARTS))
+
+    def _block(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Any, attn_norm: torch.Tensor,
+               qkv: torch.Tensor, o: torch.Tensor, ffn_norm: torch.Tensor, gate_up: torch.Tensor,
+               down: torch.Tensor) -> torch.Tensor:
+        """One transformer block; weights are arguments so a compiled block serves every layer."""
+        eps, hd = self.c.norm_eps, self.c.head_dim
+        x = rms_norm(h, attn_norm, eps)
+        q, k, v = (x @ qkv.T).split([self.q_size, self.kv_size, self.kv_size], -1)
         q = rotate(q.view(-1, self.lay.n_heads, hd), cos, sin)                  # [N, H, hd]
         k = rotate(k.view(-1, self.lay.n_kv_heads, hd), cos, sin)               # [N, KV, hd]
-        o = self.attention(q, k, v.view(-1, self.lay.n_kv_heads, hd), b)        # [N, H*hd]
-        h = h + self._all_reduce(o @ w[names.layer(i, names.O)].T)
-        x = rms_norm(h, w[names.layer(i, names.FFN_NORM)], c.norm_eps)
-        gate, up = (x @ w[names.layer(i, names.GATE_UP)].T).chunk(2, dim=-1)     # [N, ffn/tp] each
-        return h + self._all_reduce((F.silu(gate) * up) @ w[names.layer(i, names.DOWN)].T)
+        a = self.attention(q, k, v.view(-1, self.lay.n_kv_heads, hd), attn)     # [N, H*hd]
+        h = h + self._all_reduce(a @ o.T)
+        x = rms_norm(h, ffn_norm, eps)
+        gate, up = (x @ gate_up.T).chunk(2, dim=-1)                             # [N, ffn/tp] each
+        return h + self._all_reduce((F.silu(gate) * up) @ down.T)
 
     @torch.inference_mode()
     def logits(self, b: Batch) -> torch.Tensor:
@@ -134,8 +177,9 @@ class Model:
         h = self.w[names.EMBED][b.tokens]                                       # [N, dim]
         cos = self.w[names.ROPE_COS][b.positions][:, None]                      # [N, 1, hd/2]
         sin = self.w[names.ROPE_SIN][b.positions][:, None]
+        attn = self.attention.prepare(b)                                        # shared by all layers
         for i in range(self.c.n_layers):
-            h = self.layer(i, h, cos, sin, b)
+            h = self.layer(i, h, cos, sin, attn)
         h = rms_norm(h[b.select], self.w[names.NORM], self.c.norm_eps)
         return (h @ self.w[names.OUTPUT].T).float()
 
