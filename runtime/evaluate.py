@@ -88,17 +88,24 @@ def _append(path: Path, records: list[dict]) -> None:
 def hellaswag_worker(ctx: Context, folder: Path, items: list[Item], settings: Settings) -> dict | None:
     """Every rank runs this; returns {doc_id: lls} and timings on global rank 0."""
     t0 = time.perf_counter()
-    manifest = load_manifest(folder)
-    model = open_model(ctx, folder, manifest, settings.attention)
-    # Compiled kernels want one shape: pad every batch to the budget (first-fit keeps them full).
-    pad_to = settings.batch_tokens if isinstance(model.attention, FlexAttention) else None
+    model = open_model(ctx, folder, load_manifest(folder), settings.attention)
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     load_s = time.perf_counter() - t0
+    out = score_items(ctx, model, items, settings)
+    if out is not None:
+        out["load_s"] = load_s
+    return out
+
+
+def score_items(ctx: Context, model: Model, items: list[Item], settings: Settings) -> dict | None:
+    """Score this replica's share of the batches; rank 0 gets everyone's {doc_id: lls}."""
+    # Compiled kernels want one shape: pad every batch to the budget (first-fit keeps them full).
+    pad_to = settings.batch_tokens if isinstance(model.attention, FlexAttention) else None
     batches = pack(items, settings.batch_tokens)[ctx.replica::ctx.replicas]
     leader = ctx.tp_rank == 0
     total = sum(items[i].n_tokens for b in batches for i in b)
-    bar = tqdm(total=sum(len(b) for b in batches), unit="item", dynamic_ncols=True,
+    bar = tqdm(total=sum(len(b) for b in batches), unit="item", dynamic_ncols=True, mininterval=1.0,
                disable=not (settings.progress and ctx.is_main), desc=f"hellaswag x{ctx.replicas}" if ctx.replicas > 1 else "hellaswag")
     results: dict[int, list[float]] = {}
     done_tokens = 0
@@ -140,5 +147,5 @@ def hellaswag_worker(ctx: Context, folder: Path, items: list[Item], settings: Se
         results = {k: v for g in gathered for k, v in g["results"].items()}
         eval_s = max(g["eval_s"] for g in gathered)
         total = sum(it.n_tokens for it in items)
-    return {"lls": results, "load_s": load_s, "eval_s": eval_s, "tokens": total,
+    return {"lls": results, "eval_s": eval_s, "tokens": total,
             "device": str(ctx.device), "replicas": ctx.replicas}

@@ -40,7 +40,7 @@ def check_rank_file(folder: Path, manifest: Manifest, rank: int) -> dict[str, Te
 
 
 def load_rank(folder: Path, manifest: Manifest, rank: int, device: torch.device,
-              threads: int = 8) -> dict[str, torch.Tensor]:
+              threads: int = 16) -> dict[str, torch.Tensor]:
     """Tensors of rank file `rank` on `device`. CPU: zero-copy mmap views. CUDA: the file is
     streamed through pinned buffers by several threads straight into one device allocation."""
     infos = check_rank_file(folder, manifest, rank)
@@ -88,13 +88,15 @@ def _copy_file_to_device(path: Path, device: torch.device, threads: int) -> torc
     return dev
 
 
-def fast_path(device: torch.device, attention: str = "auto") -> tuple[BlockAttention | FlexAttention, bool]:
+def fast_path(device: torch.device, head_dim: int, attention: str = "auto") -> tuple[BlockAttention | FlexAttention, bool]:
     """(attention backend, compile?) for a device: FlexAttention and torch.compile on sm80+;
-    SDPA with explicit masks, uncompiled, on the CPU and on older GPUs such as the V100 (sm70)."""
+    SDPA with explicit masks, uncompiled, on the CPU and on older GPUs such as the V100 (sm70).
+    FlexAttention needs head_dim >= 16, so tiny test models use the mask path everywhere."""
     modern = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
     if attention == "auto":
-        attention = "flex" if modern else "blocks"
-    return (FlexAttention() if attention == "flex" else BlockAttention()), modern
+        attention = "flex" if modern and head_dim >= 16 else "blocks"
+    flex = attention == "flex"
+    return (FlexAttention() if flex else BlockAttention()), modern and flex  # compile wants fixed shapes
 
 
 def open_model(ctx: Context, folder: Path, manifest: Manifest, attention: str = "auto") -> Model:
@@ -106,6 +108,6 @@ def open_model(ctx: Context, folder: Path, manifest: Manifest, attention: str = 
         error = e
     if not all_ok(ctx, error is None):
         raise error or LlamafuseError(f"{folder}: another rank failed to load its file")
-    backend, compile = fast_path(ctx.device, attention)
+    backend, compile = fast_path(ctx.device, manifest.config.head_dim, attention)
     return Model(manifest.config, RankLayout(manifest.config, manifest.tp, ctx.tp_rank), tensors, ctx.tp_group,
                  backend, compile)

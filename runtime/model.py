@@ -54,7 +54,7 @@ def make_batch(groups: list[tuple[list[int], list[list[int]]]], select: list[int
         n = pad_to - len(toks)
         starts.append(len(toks))
         toks += [0] * n
-        pos += range(n)
+        pos += [0] * n
         item += [len(groups)] * n
         branch += [0] * n
     starts.append(len(toks))
@@ -116,7 +116,7 @@ class FlexAttention:
             same = item[qi] == item[ki]
             return same & (ki <= qi) & ((branch[ki] == 0) | (branch[ki] == branch[qi]))
         n = item.numel()
-        return self._create(visible, None, None, n, n, device=item.device)
+        return self._create(visible, None, None, n, n, device=item.device, _compile=True)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any) -> torch.Tensor:
         N, H, hd = q.shape
