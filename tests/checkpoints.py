@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 # Meta checkpoint names -> the dim model-parallel shards are split on (None: replicated).
-META_GLOBAL = {"tok_embeddings.weight": 1, "norm.weight": None, "output.weight": 0}
+META_GLOBAL = {"tok_embeddings.weight": 1, "norm.weight": None, "output.weight": 0, "rope.freqs": None}
 META_LAYER = {"attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
               "attention.wo.weight": 1, "feed_forward.w1.weight": 0, "feed_forward.w2.weight": 1,
               "feed_forward.w3.weight": 0, "attention_norm.weight": None, "ffn_norm.weight": None}
@@ -89,13 +89,34 @@ def save_meta_shards(folder: Path, sd: dict[str, torch.Tensor], shards: int) -> 
 def write_meta_checkpoint(folder: Path, *, dim: int, n_layers: int, n_heads: int, n_kv_heads: int | None = None,
                           vocab: int, multiple_of: int, shards: int, tokenizer: Path | None = None, seed: int = 0,
                           vocab_size_in_params: int = -1, dtype: torch.dtype = torch.float32,
-                          ) -> dict[str, torch.Tensor]:
-    """A random Meta-layout checkpoint in `folder`; returns its full (unsharded) state dict."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+                          rope_freqs: bool = False) -> dict[str, torch.Tensor]:
+    """A random Meta-layout checkpoint in `folder`; returns its full (unsharded) state dict
+    (without the unused `rope.freqs` buffer that LLaMA-1 shards carry when rope_freqs is set)."""
     sd = random_meta_state_dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                                 vocab=vocab, multiple_of=multiple_of, seed=seed, dtype=dtype)
+    write_meta_from_state_dict(folder, sd, n_heads=n_heads, n_kv_heads=n_kv_heads, multiple_of=multiple_of,
+                               shards=shards, tokenizer=tokenizer, vocab_size_in_params=vocab_size_in_params,
+                               rope_freqs=rope_freqs)
+    return sd
+
+
+def write_meta_from_state_dict(folder: Path, sd: dict[str, torch.Tensor], *, n_heads: int,
+                               n_kv_heads: int | None = None, multiple_of: int, shards: int,
+                               tokenizer: Path | None = None, vocab_size_in_params: int = -1,
+                               rope_freqs: bool = False) -> None:
+    """consolidated.NN.pth shards + params.json (+ tokenizer.model) for a full Meta-named state dict.
+
+    rope_freqs: also store LLaMA-1's `rope.freqs` buffer (inverse frequencies, replicated), which
+    readers must ignore.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dim = sd["tok_embeddings.weight"].shape[1]
+    if rope_freqs:
+        hd = dim // n_heads
+        sd = {**sd, "rope.freqs": 1.0 / 10000.0 ** (torch.arange(0, hd, 2).float() / hd)}
     save_meta_shards(folder, sd, shards)
+    n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
     params = {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "multiple_of": multiple_of,
               "norm_eps": 1e-6, "vocab_size": vocab_size_in_params}
     if n_kv_heads is not None:
@@ -103,7 +124,6 @@ def write_meta_checkpoint(folder: Path, *, dim: int, n_layers: int, n_heads: int
     (folder / "params.json").write_text(json.dumps(params))
     if tokenizer is not None:
         shutil.copyfile(tokenizer, folder / "tokenizer.model")
-    return sd
 
 
 def load_meta_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -131,6 +151,8 @@ def write_hf_checkpoint(folder: Path, sd: dict[str, torch.Tensor], *, n_heads: i
     fmt: "safetensors" or "bin"; shards > 1 writes model-0000k-of-0000n files plus an index.
     With tie_word_embeddings, no lm_head.weight is written (the embedding is the output head).
     """
+    if fmt not in ("safetensors", "bin"):
+        raise ValueError(f"fmt must be 'safetensors' or 'bin', not {fmt!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     n_kv_heads = n_kv_heads or n_heads
@@ -157,8 +179,6 @@ def write_hf_checkpoint(folder: Path, sd: dict[str, torch.Tensor], *, n_heads: i
               "torch_dtype": str(sd["norm.weight"].dtype).removeprefix("torch.")}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     ext, base = ("safetensors", "model") if fmt == "safetensors" else ("bin", "pytorch_model")
-    if fmt not in ("safetensors", "bin"):
-        raise ValueError(f"fmt must be 'safetensors' or 'bin', not {fmt!r}")
 
     def save(tensors: dict[str, torch.Tensor], path: Path) -> None:
         if fmt == "safetensors":
@@ -186,6 +206,8 @@ def write_hf_checkpoint(folder: Path, sd: dict[str, torch.Tensor], *, n_heads: i
 
 def llama30b_like(folder: Path, tokenizer: Path, seed: int = 0) -> dict[str, torch.Tensor]:
     """LLaMA-30B's head layout in miniature: 52 heads of width 4 (dim 208), 2 layers, the real
-    32000-piece LLaMA vocabulary, 4 Meta model-parallel shards and params.json vocab_size -1."""
+    32000-piece LLaMA vocabulary, 4 Meta model-parallel shards carrying LLaMA-1's `rope.freqs`
+    buffer, and params.json vocab_size -1."""
     return write_meta_checkpoint(folder, dim=208, n_layers=2, n_heads=52, vocab=32000, multiple_of=32,
-                                 shards=4, tokenizer=tokenizer, seed=seed, vocab_size_in_params=-1)
+                                 shards=4, tokenizer=tokenizer, seed=seed, vocab_size_in_params=-1,
+                                 rope_freqs=True)
