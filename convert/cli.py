@@ -32,9 +32,6 @@ def main(src: Path, out: Path, tp: int, dtype: str, max_seq_len: int | None, tok
     rank files in OUT: fused QKV and gate/up per rank, rotary tables, manifest, tokenizer."""
     try:
         source = open_source(src, max_seq_len)
-        c = source.config
-        click.echo(f"{source.layout} checkpoint: {c.n_layers} layers, dim {c.dim}, {c.n_heads} heads "
-                   f"({c.n_kv_heads} kv), ffn {c.ffn_dim}, vocab {c.vocab_size}; writing tp={tp} {dtype}", err=True)
         summary = convert(source, out, tp, dtype, force=force, tokenizer=tokenizer, progress=True)
     except LlamafuseError as e:
         click.echo(f"llama-convert: error: {e}", err=True)
@@ -43,10 +40,14 @@ def main(src: Path, out: Path, tp: int, dtype: str, max_seq_len: int | None, tok
         click.echo("llama-convert: interrupted; nothing was written to the destination", err=True)
         sys.exit(130)
     total = sum(n for _, n in summary.files)
+    c = source.config
     if as_json:
-        click.echo(json.dumps({"out": str(summary.out), "files": dict(summary.files), "bytes": total,
+        click.echo(json.dumps({"out": str(summary.out), "layout": source.layout, "config": c.to_dict(), "tp": tp,
+                               "dtype": dtype, "files": dict(summary.files), "bytes": total,
                                "seconds": round(summary.seconds, 3)}))
         return
+    click.echo(f"{source.layout} checkpoint {src}: {c.n_layers} layers, dim {c.dim}, {c.n_heads} heads "
+               f"({c.n_kv_heads} kv), ffn {c.ffn_dim}, vocab {c.vocab_size} -> tp={tp} {dtype}")
     for name, n in summary.files:
         click.echo(f"  {name:32s} {n / 1e6:12.2f} MB")
     click.echo(f"wrote {len(summary.files)} files, {total / 1e9:.3f} GB to {summary.out} "

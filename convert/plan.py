@@ -61,4 +61,4 @@ def tail_tensors(get: Callable[[str], torch.Tensor], lay: RankLayout, dtype: tor
     """What every rank file ends with: the final norm and its rows of the vocab-parallel output head."""
     vocab = slice(lay.vocab.start, lay.vocab.stop)
     return {names.NORM: get("norm").to(dtype).contiguous(),
-            names.OUTPUT: get("output")[vocab].to(dtype).contiguous()}
+            names.OUTPUT: get("output")[vocab].to(dtype, copy=True)}  # a copy: no rank pins the whole head

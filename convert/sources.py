@@ -62,7 +62,13 @@ def _field(d: dict[str, Any], key: str, path: Path, kind: type = int, default: A
 def _load_pth(path: Path) -> dict[str, torch.Tensor]:
     """torch.load with mmap and weights_only: no pickled code runs."""
     try:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        try:
+            sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError:
+            if not _is_legacy_pth(path):
+                raise
+            # Legacy (pre-zip) serialization cannot be memory-mapped: read it whole.
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise LlamafuseError(f"{path}: refused, it holds more than plain tensors ({str(e).splitlines()[0][:120]})") from None
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
@@ -70,6 +76,12 @@ def _load_pth(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise LlamafuseError(f"{path}: expected a dict of tensors")
     return sd
+
+
+def _is_legacy_pth(path: Path) -> bool:
+    """torch.save(..., _use_new_zipfile_serialization=False): a pickled magic number first."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"\x80\x02\x8a\x0a" and not zipfile.is_zipfile(path)
 
 
 def _find_tokenizer(*folders: Path) -> Path | None:

@@ -5,16 +5,17 @@ import errno
 import hashlib
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import sentencepiece as spm
 import torch
 from tqdm import tqdm
 
-from llamafuse.formats import FORMAT_NAME, LlamafuseError, Manifest, RankFile, RankLayout, check_tp
+from llamafuse.formats import FORMAT_NAME, LlamafuseError, Manifest, RankFile, RankLayout, check_tp, load_manifest
 from llamafuse.formats.layout import rank_tensor_specs
 from llamafuse.formats.manifest import DTYPES, MANIFEST, rank_file_name
 from llamafuse.formats.tensorfile import fsync, pad_to, plan_header, write_tensor
@@ -58,24 +59,30 @@ def _groups(src: Source, tp: int, dtype: torch.dtype) -> Iterator[list[dict[str,
     yield [head] * tp
     del head
     for i in range(c.n_layers):
-        cache: dict[str, torch.Tensor] = {}
+        yield [layer_tensors(get, i, lay, src.rotary, dtype) for get in [_cached(src, f"layers.{i}.")] for lay in lays]
+    yield [tail_tensors(get, lay, dtype) for get in [_cached(src, "")] for lay in lays]
 
-        def get(part: str, i: int = i) -> torch.Tensor:
-            if part not in cache:
-                cache[part] = src.tensor(f"layers.{i}.{part}")
-            return cache[part]
-        yield [layer_tensors(get, i, lay, src.rotary, dtype) for lay in lays]
-    yield [tail_tensors(src.tensor, lay, dtype) for lay in lays]
+
+def _cached(src: Source, prefix: str) -> Callable[[str], torch.Tensor]:
+    """src.tensor(prefix + part), each read (and, for Meta shards, concatenated) once."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def get(part: str) -> torch.Tensor:
+        if part not in cache:
+            cache[part] = src.tensor(prefix + part)
+        return cache[part]
+    return get
 
 
 def _write_shards(src: Source, tmp: Path, tp: int, dtype: torch.dtype, progress: bool) -> list[RankFile]:
     specs = rank_tensor_specs(src.config, tp)
     entries = [(n, torch.float32 if rope else dtype, shape) for n, shape, rope in specs]
     header, offsets = plan_header(entries, {"format": FORMAT_NAME, "tp": str(tp)})
-    size = offsets[-1] + entries[-1][1].itemsize * _numel(entries[-1][2]) if entries else len(header)
+    size = offsets[-1] + entries[-1][1].itemsize * _numel(entries[-1][2])
+    payload = sum(d.itemsize * _numel(s) for _, d, s in entries)
     files = [open(tmp / rank_file_name(r, tp), "wb") for r in range(tp)]
     hashes = [hashlib.sha256() for _ in range(tp)]
-    bar = tqdm(total=size * tp, unit="B", unit_scale=True, unit_divisor=1024, desc="writing",
+    bar = tqdm(total=payload * tp, unit="B", unit_scale=True, unit_divisor=1024, desc="writing",
                disable=not progress, dynamic_ncols=True)
     try:
         for f, h in zip(files, hashes):
@@ -93,6 +100,7 @@ def _write_shards(src: Source, tmp: Path, tp: int, dtype: torch.dtype, progress:
                     h.update(write_tensor(f, t))
                     bar.update(t.numel() * t.element_size())
                 k += 1
+            del group  # free this layer before the next one is read
         for f in files:
             fsync(f)
     finally:
@@ -134,8 +142,10 @@ def convert(src: Source, out: Path, tp: int, dtype_name: str, force: bool = Fals
     need, free = planned_bytes(src, tp, dtype), shutil.disk_usage(out.parent).free
     if need > free:
         raise LlamafuseError(f"{out.parent}: not enough disk space ({need / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free)")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise LlamafuseError(f"{out.parent}: cannot create a temporary folder ({e.strerror or e})") from None
     try:
         ranks = _write_shards(src, tmp, tp, dtype, progress)
         shutil.copyfile(tok, tmp / TOKENIZER)
@@ -163,7 +173,13 @@ def _publish(tmp: Path, out: Path) -> None:
             out.rmdir()
         os.replace(tmp, out)
         return
+    try:  # rank files of an earlier conversion (another tp, say) are ours to replace
+        stale = [out / r.file for r in load_manifest(out).ranks]
+    except LlamafuseError:
+        stale = []
     (out / MANIFEST).unlink(missing_ok=True)  # a stale manifest must not describe new shards
+    for f in stale:
+        f.unlink(missing_ok=True)
     for f in sorted(tmp.iterdir(), key=lambda p: p.name == MANIFEST):
         os.replace(f, out / f.name)
     tmp.rmdir()

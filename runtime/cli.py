@@ -81,8 +81,23 @@ def _tokenizer(folder: Path, m: Manifest) -> spm.SentencePieceProcessor:
 
 
 def _check_new(path: Path | None, force: bool) -> None:
-    if path is not None and path.exists() and not force:
+    if path is None:
+        return
+    if not path.parent.is_dir():
+        raise LlamafuseError(f"{path}: folder {path.parent} does not exist")
+    if path.exists() and not force:
         raise LlamafuseError(f"{path}: exists (use --force to overwrite)")
+
+
+def _check_tokens(tokens: list[int], m: Manifest, where: str) -> None:
+    """Token ids must index the embedding, and positions the rotary tables."""
+    if not tokens:
+        raise LlamafuseError(f"{where}: no tokens")
+    if len(tokens) > m.config.max_seq_len:
+        raise LlamafuseError(f"{where}: {len(tokens)} tokens, the model's rotary tables cover {m.config.max_seq_len}")
+    bad = next((t for t in tokens if not 0 <= t < m.config.vocab_size), None)
+    if bad is not None:
+        raise LlamafuseError(f"{where}: token id {bad} is outside the vocabulary (0..{m.config.vocab_size - 1})")
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -133,6 +148,8 @@ def hellaswag_cmd(out: Path, data: str | None, limit: int | None, bos: bool, dev
     _check_new(output, force)
     if resume and samples is None:
         raise LlamafuseError("--resume needs --samples (the file to continue)")
+    if samples is not None and not samples.parent.is_dir():
+        raise LlamafuseError(f"{samples}: folder {samples.parent} does not exist")
     if samples is not None and samples.exists() and not resume:
         if not force:
             raise LlamafuseError(f"{samples}: exists (use --resume to continue it or --force to overwrite)")
@@ -198,9 +215,9 @@ def logits_cmd(out: Path, text: str, bos: bool, device: str | None, output: Path
     m = load_manifest(out)
     dev = _device(device)
     _check_new(output, force)
-    tokens = ([1] if bos else []) + _tokenizer(out, m).encode(text)
-    if not tokens:
-        raise LlamafuseError("--text encodes to no tokens")
+    sp = _tokenizer(out, m)
+    tokens = ([sp.bos_id()] if bos else []) + sp.encode(text)
+    _check_tokens(tokens, m, "--text")
     logits = launch(logits_worker, m.tp, 1, dev, out, [tokens])[0]
     _write_atomic(output, save({"tokens": torch.tensor(tokens, dtype=torch.long), "logits": logits.contiguous()}))
     click.echo(f"wrote {output}: {len(tokens)} tokens x {logits.shape[1]} logits")
@@ -232,6 +249,7 @@ def validate_cmd(out: Path, reference: Path, device: str | None) -> None:
         if tokens.ndim != 1 or logits.shape != (tokens.shape[0], m.config.vocab_size):
             raise LlamafuseError(f"{reference}: logits {tuple(logits.shape)} do not match {tokens.shape[0]} tokens x vocab {m.config.vocab_size}")
         seqs, ref, what = [tokens.tolist()], [logits.clone()], f"logits file {reference}"
+        _check_tokens(seqs[0], m, str(reference))
     else:
         raise LlamafuseError(f"{reference}: not found")
     ours = launch(logits_worker, m.tp, 1, dev, out, seqs)

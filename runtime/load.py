@@ -12,7 +12,7 @@ from llamafuse.formats import LlamafuseError, Manifest, RankLayout, rank_tensor_
 from llamafuse.formats.tensorfile import MappedFile, TensorInfo, read_header
 
 from .model import BlockAttention, FlexAttention, Model
-from .parallel import Context, all_ok
+from .parallel import Context, first_error
 
 CHUNK = 64 << 20
 
@@ -105,9 +105,10 @@ def open_model(ctx: Context, folder: Path, manifest: Manifest, attention: str = 
     try:
         tensors = load_rank(folder, manifest, ctx.tp_rank, ctx.device)
     except LlamafuseError as e:
-        error = e
-    if not all_ok(ctx, error is None):
-        raise error or LlamafuseError(f"{folder}: another rank failed to load its file")
+        error = str(e)
+    error = first_error(ctx, error)
+    if error:
+        raise LlamafuseError(error)
     backend, compile = fast_path(ctx.device, manifest.config.head_dim, attention)
     return Model(manifest.config, RankLayout(manifest.config, manifest.tp, ctx.tp_rank), tensors, ctx.tp_group,
                  backend, compile)

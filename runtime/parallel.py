@@ -55,13 +55,13 @@ def _make_context(rank: int, world: int, tp: int, device_type: str, local_rank: 
     return Context(rank, world, tp, device, tp_group, rank % tp, rank // tp, world // tp)
 
 
-def all_ok(ctx: Context, ok: bool) -> bool:
-    """True on every rank iff `ok` on every rank (so one rank's failure stops all, no hang)."""
+def first_error(ctx: Context, error: str | None) -> str | None:
+    """The lowest rank's error message, on every rank (so one rank's failure stops all, no hang)."""
     if ctx.world == 1:
-        return ok
-    flag = torch.tensor([0 if ok else 1], device=ctx.device)
-    dist.all_reduce(flag)
-    return int(flag.item()) == 0
+        return error
+    errors: list[str | None] = [None] * ctx.world
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
 
 
 def _entry(rank: int, world: int, tp: int, device_type: str, port: int, queue: Any,

@@ -787,9 +787,6 @@ def test_memory_bounded_by_a_layer(tmp_path: Path, stories_tokenizer: Path) -> N
     assert r["peak_vmhwm"] >= r["peak_rss_anon"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: with --dtype equal to the source dtype, each rank's output-head "
-                   "slice is a view that keeps a full concatenated copy of the head alive (tp copies at once); "
-                   "see convert/plan.py tail_tensors")
 def test_memory_bounded_with_large_vocabulary(tmp_path: Path, llama_tokenizer: Path) -> None:
     """The output head (31 MiB here) is the largest unit: at most a few copies of it, not tp of them."""
     r = _memory_script().measure(tmp_path, dim=512, layers=2, heads=8, shards=4, tp=4, vocab=32000,
