@@ -160,7 +160,7 @@ def hellaswag_cmd(out: Path, data: str | None, limit: int | None, bos: bool, dev
         raise LlamafuseError(f"an item needs {longest} positions, the model's rotary tables cover {m.config.max_seq_len}")
     done = _read_samples(samples, len(items)) if resume and samples.exists() else {}
     todo = [it for it in items if it.doc_id not in done]
-    run = {"lls": {}, "load_s": 0.0, "eval_s": 0.0, "tokens": 0, "device": dev, "replicas": n_rep}
+    run = {"lls": {}, "load_s": 0.0, "eval_s": 0.0, "first_batch_s": 0.0, "tokens": 0, "device": dev, "replicas": n_rep}
     if todo:
         run = launch(hellaswag_worker, m.tp, n_rep, dev, out, todo, Settings(batch_tokens, samples, attention))
     lls = {**done, **run["lls"]}
@@ -168,6 +168,7 @@ def hellaswag_cmd(out: Path, data: str | None, limit: int | None, bos: bool, dev
     result = {
         "task": "hellaswag", **metrics,
         "timing": {"load_s": round(run["load_s"], 3), "eval_s": round(run["eval_s"], 3),
+                   "first_batch_s": round(run["first_batch_s"], 3),
                    "tokens": run["tokens"], "tokens_per_s": round(run["tokens"] / max(run["eval_s"], 1e-9), 1),
                    "items": len(todo), "resumed_items": len(items) - len(todo)},
         "settings": {"model": str(out), "dtype": m.dtype, "tp": m.tp, "replicas": n_rep, "device": dev,

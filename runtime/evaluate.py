@@ -123,14 +123,20 @@ def score_items(ctx: Context, model: Model, items: list[Item], settings: Setting
         bar.update(len(its))
         bar.set_postfix_str(f"{done_tokens / (time.perf_counter() - t1):,.0f} tok/s", refresh=False)
 
+    if pad_to and ctx.is_main and settings.progress:
+        tqdm.write("compiling kernels for the first batch (minutes on a fresh machine, cached afterwards)")
     pending = None
+    first_s = 0.0
     try:
-        for b in batches:
+        for k, b in enumerate(batches):
             its = [items[i] for i in b]
             lls = score_batch(model, its, ctx.device, pad_to)  # queued on the device
             if pending:
                 collect(*pending)                        # the previous batch, while this one runs
             pending = (its, lls)
+            if k == 0:                                   # includes compilation: timed on its own
+                collect(*pending)
+                pending, first_s = None, time.perf_counter() - t1
         if pending:
             collect(*pending)
     except torch.cuda.OutOfMemoryError:
@@ -141,11 +147,12 @@ def score_items(ctx: Context, model: Model, items: list[Item], settings: Setting
     eval_s = time.perf_counter() - t1
     if ctx.world > 1:
         gathered: list[dict] | None = [{} for _ in range(ctx.world)] if ctx.is_main else None
-        dist.gather_object({"results": results if leader else {}, "eval_s": eval_s}, gathered, dst=0)
+        dist.gather_object({"results": results if leader else {}, "eval_s": eval_s, "first_s": first_s}, gathered, dst=0)
         if not ctx.is_main:
             return None
         results = {k: v for g in gathered for k, v in g["results"].items()}
         eval_s = max(g["eval_s"] for g in gathered)
+        first_s = max(g["first_s"] for g in gathered)
         total = sum(it.n_tokens for it in items)
-    return {"lls": results, "eval_s": eval_s, "tokens": total,
+    return {"lls": results, "eval_s": eval_s, "first_batch_s": first_s, "tokens": total,
             "device": str(ctx.device), "replicas": ctx.replicas}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import statistics
 import sys
@@ -32,7 +31,7 @@ from llamafuse.formats import names
 from llamafuse.runtime import hellaswag
 from llamafuse.runtime.evaluate import Settings, score_items
 from llamafuse.runtime.load import fast_path
-from llamafuse.runtime.model import BlockAttention, FlexAttention, Model, make_batch
+from llamafuse.runtime.model import BlockAttention, FlexAttention, Model
 from llamafuse.runtime.parallel import Context
 
 LLAMA_30B = ModelConfig(dim=6656, n_layers=60, n_heads=52, n_kv_heads=52, head_dim=128, ffn_dim=17920,
@@ -98,8 +97,12 @@ def part_ceiling(c: ModelConfig, n: int, report: dict) -> None:
     print("GEMM TFLOP/s by tokens per batch:", {k: round(v) for k, v in sweep.items()}, flush=True)
     a = torch.randn(8192, 8192, dtype=torch.float16, device=DEV)
     ms_sq = bench_ms(lambda: a @ a)
+    ab = a.bfloat16()
+    ms_sq_bf16 = bench_ms(lambda: ab @ ab)
+    del ab
     report["ceiling"] = {"tokens": n, "layer_gemm_ms": ms, "tflops": layer_flops(c) * n / ms / 1e9,
                          "square_8192_tflops": 2 * 8192 ** 3 / ms_sq / 1e9,
+                         "square_8192_bf16_tflops": 2 * 8192 ** 3 / ms_sq_bf16 / 1e9,
                          "by_tokens": sweep}
     del x, y, w, a
     # One whole layer per backend, on a real packed batch of n tokens.
