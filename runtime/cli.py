@@ -158,7 +158,7 @@ def hellaswag_cmd(out: Path, data: str | None, limit: int | None, bos: bool, dev
     longest = max(len(it.context) + max(map(len, it.endings)) for it in items)
     if longest > m.config.max_seq_len:
         raise LlamafuseError(f"an item needs {longest} positions, the model's rotary tables cover {m.config.max_seq_len}")
-    done = _read_samples(samples, len(items)) if resume and samples.exists() else {}
+    done = _read_samples(samples, items) if resume and samples.exists() else {}
     todo = [it for it in items if it.doc_id not in done]
     run = {"lls": {}, "load_s": 0.0, "eval_s": 0.0, "first_batch_s": 0.0, "tokens": 0, "device": dev, "replicas": n_rep}
     if todo:
@@ -188,7 +188,8 @@ def hellaswag_cmd(out: Path, data: str | None, limit: int | None, bos: bool, dev
                f"({t['tokens_per_s']:,.0f} tok/s) on {dev} (tp {m.tp} x {n_rep} replica(s), {m.dtype})")
 
 
-def _read_samples(path: Path, n_items: int) -> dict[int, list[float]]:
+def _read_samples(path: Path, items: list[hellaswag.Item]) -> dict[int, list[float]]:
+    """Finished items of an interrupted run; each record must match this data set's row."""
     done = {}
     for i, line in enumerate(path.read_text().splitlines(), 1):
         try:
@@ -196,8 +197,8 @@ def _read_samples(path: Path, n_items: int) -> dict[int, list[float]]:
             doc, lls = int(r["doc_id"]), [float(x) for x in r["lls"]]
         except (ValueError, KeyError, TypeError):
             raise LlamafuseError(f"{path} line {i}: not a samples record (cannot resume from it)") from None
-        if not 0 <= doc < n_items or len(lls) != 4:
-            raise LlamafuseError(f"{path} line {i}: doc_id {doc} does not belong to this data set")
+        if not 0 <= doc < len(items) or len(lls) != 4 or (r.get("ind"), r.get("label")) != (items[doc].ind, items[doc].label):
+            raise LlamafuseError(f"{path} line {i}: doc_id {doc} does not match this data set (other --data or --limit?)")
         done[doc] = lls
     return done
 

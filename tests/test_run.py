@@ -273,6 +273,15 @@ def test_replicas_match_single_process(work, stories_out, stories_runs):
     assert run["results"]["timing"]["tokens"] == stories_runs[True]["results"]["timing"]["tokens"]
 
 
+def test_tp2_times_two_replicas_matches_tp1(work, big_outs, big_runs):
+    """tp 2 x 2 replicas: four gloo processes, two tensor-parallel groups splitting the batches."""
+    run = hellaswag(big_outs[2], work, "big-tp2-rep2", "--replicas", 2, limit=N_BIG, batch_tokens=300)
+    s = run["results"]["settings"]
+    assert (s["tp"], s["replicas"]) == (2, 2)
+    assert max_diff(lls_of(run), lls_of(big_runs[True])) <= SAME_TOL
+    assert len(lls_of(run)) == N_BIG
+
+
 # ---------------------------------------------------------------- 5: output files
 
 
