@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .sources import Source
+from .sources import LAYER_WEIGHTS, Source
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -35,8 +35,7 @@ def reference_logits(src: Source, sequences: list[list[int]], dtype: torch.dtype
     emb = src.tensor("embed")
     hs = [emb[torch.tensor(s, dtype=torch.long)].to(dtype) for s in sequences]
     for i in range(c.n_layers):
-        w = {k: src.tensor(f"layers.{i}.{k}").to(dtype)
-             for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "attn_norm", "ffn_norm")}
+        w = {k: src.tensor(f"layers.{i}.{k}").to(dtype) for k in LAYER_WEIGHTS}
         for j, h in enumerate(hs):
             T = h.shape[0]
             x = _rms_norm(h, w["attn_norm"], c.norm_eps)

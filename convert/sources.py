@@ -34,6 +34,17 @@ class Source:
         raise NotImplementedError
 
 
+def logical_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The full shape of every logical tensor a checkpoint of config `c` must hold."""
+    layer = {"wq": (c.q_dim, c.dim), "wk": (c.kv_dim, c.dim), "wv": (c.kv_dim, c.dim),
+             "wo": (c.dim, c.q_dim), "w1": (c.ffn_dim, c.dim), "w2": (c.dim, c.ffn_dim),
+             "w3": (c.ffn_dim, c.dim), "attn_norm": (c.dim,), "ffn_norm": (c.dim,)}
+    shapes = {"embed": (c.vocab_size, c.dim), "norm": (c.dim,), "output": (c.vocab_size, c.dim)}
+    for i in range(c.n_layers):
+        shapes.update({f"layers.{i}.{k}": v for k, v in layer.items()})
+    return shapes
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         d = json.loads(path.read_text())
@@ -165,14 +176,7 @@ class MetaSource(Source):
 
     def _check_config(self) -> None:
         """Every tensor of the checkpoint has the shape params.json implies."""
-        c = self.config
-        expect = {"embed": (c.vocab_size, c.dim), "norm": (c.dim,), "output": (c.vocab_size, c.dim)}
-        layer = {"wq": (c.q_dim, c.dim), "wk": (c.kv_dim, c.dim), "wv": (c.kv_dim, c.dim),
-                 "wo": (c.dim, c.q_dim), "w1": (c.ffn_dim, c.dim), "w2": (c.dim, c.ffn_dim),
-                 "w3": (c.ffn_dim, c.dim), "attn_norm": (c.dim,), "ffn_norm": (c.dim,)}
-        for i in range(c.n_layers):
-            expect.update({f"layers.{i}.{k}": v for k, v in layer.items()})
-        for name, shape in expect.items():
+        for name, shape in logical_shapes(self.config).items():
             if name == "output" and "output.weight" not in self.shards[0]:
                 continue  # tied to the embedding
             meta, dim = self._meta_name(name)
@@ -236,15 +240,8 @@ class HFSource(Source):
         self._open: dict[Path, MappedFile | _TensorDict] = {}
         self._index_files()
         self.tokenizer = _find_tokenizer(path)
-        c = self.config
-        shapes = {"embed": (c.vocab_size, c.dim), "norm": (c.dim,), "output": (c.vocab_size, c.dim)}
-        layer = {"wq": (c.q_dim, c.dim), "wk": (c.kv_dim, c.dim), "wv": (c.kv_dim, c.dim),
-                 "wo": (c.dim, c.q_dim), "w1": (c.ffn_dim, c.dim), "w2": (c.dim, c.ffn_dim),
-                 "w3": (c.ffn_dim, c.dim), "attn_norm": (c.dim,), "ffn_norm": (c.dim,)}
-        for i in range(c.n_layers):
-            shapes.update({f"layers.{i}.{k}": v for k, v in layer.items()})
-        self._shapes = shapes
-        for name in shapes:
+        self._shapes = logical_shapes(self.config)
+        for name in self._shapes:
             if self._hf_name(name) not in self._where:
                 raise LlamafuseError(f"{path}: tensor '{self._hf_name(name)}' not found in the checkpoint")
 
