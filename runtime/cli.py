@@ -153,7 +153,7 @@ def hellaswag_cmd(out: Path, data: str | None, limit: int | None, bos: bool, dev
     if samples is not None and samples.exists() and not resume:
         if not force:
             raise LlamafuseError(f"{samples}: exists (use --resume to continue it or --force to overwrite)")
-        samples.unlink()
+        samples.unlink(missing_ok=True)
     items = hellaswag.build_items(hellaswag.load_docs(data, limit), sp, bos)
     longest = max(len(it.context) + max(map(len, it.endings)) for it in items)
     if longest > m.config.max_seq_len:
@@ -163,6 +163,8 @@ def hellaswag_cmd(out: Path, data: str | None, limit: int | None, bos: bool, dev
     run = {"lls": {}, "load_s": 0.0, "eval_s": 0.0, "first_batch_s": 0.0, "tokens": 0, "device": dev, "replicas": n_rep}
     if todo:
         run = launch(hellaswag_worker, m.tp, n_rep, dev, out, todo, Settings(batch_tokens, samples, attention))
+        if run is None:  # a non-zero rank under torchrun: rank 0 reports
+            return
     lls = {**done, **run["lls"]}
     metrics = hellaswag.score(items, [lls[it.doc_id] for it in items])
     result = {
@@ -171,7 +173,7 @@ def hellaswag_cmd(out: Path, data: str | None, limit: int | None, bos: bool, dev
                    "first_batch_s": round(run["first_batch_s"], 3),
                    "tokens": run["tokens"], "tokens_per_s": round(run["tokens"] / max(run["eval_s"], 1e-9), 1),
                    "items": len(todo), "resumed_items": len(items) - len(todo)},
-        "settings": {"model": str(out), "dtype": m.dtype, "tp": m.tp, "replicas": n_rep, "device": dev,
+        "settings": {"model": str(out), "dtype": m.dtype, "tp": m.tp, "replicas": run["replicas"], "device": dev,
                      "bos": bos, "batch_tokens": batch_tokens, "attention": attention, "data": data or hellaswag.HUB_ID, "limit": limit},
     }
     if output:
@@ -185,7 +187,7 @@ def hellaswag_cmd(out: Path, data: str | None, limit: int | None, bos: bool, dev
                f"| hellaswag | {metrics['n']:5d} | {100 * metrics['acc']:6.2f} | {100 * metrics['acc_stderr']:6.2f} "
                f"| {100 * metrics['acc_norm']:8.2f} | {100 * metrics['acc_norm_stderr']:6.2f} |")
     click.echo(f"load {t['load_s']:.1f} s, eval {t['eval_s']:.1f} s, {t['tokens']:,} tokens "
-               f"({t['tokens_per_s']:,.0f} tok/s) on {dev} (tp {m.tp} x {n_rep} replica(s), {m.dtype})")
+               f"({t['tokens_per_s']:,.0f} tok/s) on {dev} (tp {m.tp} x {run['replicas']} replica(s), {m.dtype})")
 
 
 def _read_samples(path: Path, items: list[hellaswag.Item]) -> dict[int, list[float]]:
@@ -220,7 +222,10 @@ def logits_cmd(out: Path, text: str, bos: bool, device: str | None, output: Path
     sp = _tokenizer(out, m)
     tokens = ([sp.bos_id()] if bos else []) + sp.encode(text)
     _check_tokens(tokens, m, "--text")
-    logits = launch(logits_worker, m.tp, 1, dev, out, [tokens])[0]
+    result = launch(logits_worker, m.tp, 1, dev, out, [tokens])
+    if result is None:  # a non-zero rank under torchrun
+        return
+    logits = result[0]
     _write_atomic(output, save({"tokens": torch.tensor(tokens, dtype=torch.long), "logits": logits.contiguous()}))
     click.echo(f"wrote {output}: {len(tokens)} tokens x {logits.shape[1]} logits")
 
@@ -255,6 +260,8 @@ def validate_cmd(out: Path, reference: Path, device: str | None) -> None:
     else:
         raise LlamafuseError(f"{reference}: not found")
     ours = launch(logits_worker, m.tp, 1, dev, out, seqs)
+    if ours is None:  # a non-zero rank under torchrun
+        return
     c = compare(ours, ref)
     rel_tol, top1_tol = TOLERANCE[m.dtype]
     ok = c.passes(m.dtype)
@@ -287,3 +294,7 @@ def verify_cmd(out: Path) -> None:
     if bad:
         sys.exit(1)
     click.echo(f"{out}: all {len(m.ranks)} rank files match the manifest")
+
+
+if __name__ == "__main__":
+    main()

@@ -43,4 +43,4 @@ def logits_worker(ctx: Context, folder: Path, sequences: list[list[int]]) -> lis
     for seq in sequences:
         b = make_batch([(seq, [])], list(range(len(seq)))).to(ctx.device)
         out.append(model.full_logits(b).cpu())
-    return out if ctx.tp_rank == 0 else None
+    return out if ctx.is_main else None

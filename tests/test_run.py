@@ -282,6 +282,20 @@ def test_tp2_times_two_replicas_matches_tp1(work, big_outs, big_runs):
     assert len(lls_of(run)) == N_BIG
 
 
+def test_under_torchrun_matches_tp1(work, big_outs, big_runs):
+    """`torchrun --nproc-per-node 2 -m llamafuse.runtime.cli hellaswag` on a tp 2 folder: the
+    processes join torchrun's group instead of spawning their own; rank 0 writes the outputs."""
+    samples = work / "torchrun.samples.jsonl"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "-m", "llamafuse.runtime.cli", "hellaswag", str(big_outs[2]), "--data", str(VAL),
+                        "--limit", str(N_BIG), "--device", "cpu", "--batch-tokens", "300",
+                        "--samples", str(samples)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("| hellaswag |") == 1, p.stdout
+    recs = {r["doc_id"]: r["lls"] for r in read_samples(samples)}
+    assert max_diff(recs, lls_of(big_runs[True])) <= SAME_TOL
+
+
 # ---------------------------------------------------------------- 5: output files
 
 
