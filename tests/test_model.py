@@ -79,3 +79,19 @@ def test_fast_path_choice_on_cpu():
     assert isinstance(attn, BlockAttention) and not compile
     attn, compile = fast_path(torch.device("cpu"), 128, "flex")
     assert isinstance(attn, FlexAttention) and not compile
+
+
+def test_out_of_memory_is_one_clear_error(stories):
+    """A CUDA out-of-memory in the loop becomes a LlamafuseError suggesting a smaller batch."""
+    from llamafuse.formats import LlamafuseError
+    from llamafuse.runtime.evaluate import Settings, score_items
+    from llamafuse.runtime.parallel import Context
+
+    class Exhausted(Model):
+        def target_logprobs(self, b, targets):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+    m, tensors, items = stories
+    model = Exhausted(m.config, RankLayout(m.config, 1, 0), tensors)
+    ctx = Context(0, 1, 1, torch.device("cpu"), None, 0, 0, 1)
+    with pytest.raises(LlamafuseError, match="--batch-tokens 4096; try --batch-tokens 2048"):
+        score_items(ctx, model, items, Settings(4096, None, progress=False))
