@@ -191,9 +191,16 @@ def hellaswag_cmd(out: Path, data: str | None, limit: int | None, bos: bool, dev
 
 
 def _read_samples(path: Path, items: list[hellaswag.Item]) -> dict[int, list[float]]:
-    """Finished items of an interrupted run; each record must match this data set's row."""
+    """Finished items of an interrupted run; each record must match this data set's row.
+
+    A last line cut short by the interruption is dropped from the file, so appending resumes cleanly.
+    """
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        os.truncate(path, len(text.encode()))
     done = {}
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         try:
             r = json.loads(line)
             doc, lls = int(r["doc_id"]), [float(x) for x in r["lls"]]
