@@ -67,22 +67,22 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise LlamafuseError(f"{path}: __metadata__ must map names to strings")
     data_start, data_size = 8 + n, size - 8 - n
     infos: dict[str, TensorInfo] = {}
-    for name, e in header.items():
+    for name, entry in header.items():
         where = f"{path}: tensor '{name}'"
-        if not isinstance(e, dict) or e.get("dtype") not in DTYPES:
+        if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
             raise LlamafuseError(f"{where}: missing or unknown dtype")
-        shape, offs = e.get("shape"), e.get("data_offsets")
+        shape, offs = entry.get("shape"), entry.get("data_offsets")
         if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
             raise LlamafuseError(f"{where}: bad shape {shape!r}")
         if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
             raise LlamafuseError(f"{where}: bad data_offsets {offs!r}")
-        dtype = DTYPES[e["dtype"]]
+        dtype = DTYPES[entry["dtype"]]
         numel = 1
         for s in shape:
             numel *= s
         b, end = offs
         if not 0 <= b <= end or end - b != numel * dtype.itemsize:
-            raise LlamafuseError(f"{where}: data_offsets {offs} do not match shape {shape} and dtype {e['dtype']}")
+            raise LlamafuseError(f"{where}: data_offsets {offs} do not match shape {shape} and dtype {entry['dtype']}")
         if end > data_size:
             raise LlamafuseError(f"{where}: data ends at byte {data_start + end} but the file has {size} bytes (truncated?)")
         infos[name] = TensorInfo(name, dtype, tuple(shape), data_start + b, data_start + end)
