@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import math
 import hashlib
 import os
 import shutil
@@ -11,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import sentencepiece as spm
 import torch
 from tqdm import tqdm
 
@@ -19,6 +19,7 @@ from llamafuse.formats import FORMAT_NAME, LlamafuseError, Manifest, RankFile, R
 from llamafuse.formats.layout import rank_tensor_specs
 from llamafuse.formats.manifest import DTYPES, MANIFEST, rank_file_name
 from llamafuse.formats.tensorfile import fsync, pad_to, plan_header, write_tensor
+from llamafuse.formats.tokenizer import load_tokenizer
 
 from .plan import head_tensors, layer_tensors, rope_tables, tail_tensors
 from .sources import Source
@@ -40,15 +41,6 @@ def check_destination(out: Path, src: Path, force: bool) -> None:
         raise LlamafuseError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise LlamafuseError(f"{out}: exists and is not empty (use --force to write into it)")
-
-
-def check_tokenizer(path: Path, vocab_size: int) -> None:
-    try:
-        sp = spm.SentencePieceProcessor(model_file=str(path))
-    except (RuntimeError, OSError) as e:
-        raise LlamafuseError(f"{path}: not a SentencePiece model ({str(e).splitlines()[0][:100]})") from None
-    if sp.vocab_size() != vocab_size:
-        raise LlamafuseError(f"{path}: tokenizer has {sp.vocab_size()} pieces but the model's vocabulary is {vocab_size}")
 
 
 def _groups(src: Source, tp: int, dtype: torch.dtype) -> Iterator[list[dict[str, torch.Tensor]]]:
@@ -78,8 +70,8 @@ def _write_shards(src: Source, tmp: Path, tp: int, dtype: torch.dtype, progress:
     specs = rank_tensor_specs(src.config, tp)
     entries = [(n, torch.float32 if rope else dtype, shape) for n, shape, rope in specs]
     header, offsets = plan_header(entries, {"format": FORMAT_NAME, "tp": str(tp)})
-    size = offsets[-1] + entries[-1][1].itemsize * _numel(entries[-1][2])
-    payload = sum(d.itemsize * _numel(s) for _, d, s in entries)
+    size = offsets[-1] + entries[-1][1].itemsize * math.prod(entries[-1][2])
+    payload = sum(d.itemsize * math.prod(s) for _, d, s in entries)
     files = [open(tmp / rank_file_name(r, tp), "wb") for r in range(tp)]
     hashes = [hashlib.sha256() for _ in range(tp)]
     bar = tqdm(total=payload * tp, unit="B", unit_scale=True, unit_divisor=1024, desc="writing",
@@ -110,16 +102,9 @@ def _write_shards(src: Source, tmp: Path, tp: int, dtype: torch.dtype, progress:
     return [RankFile(r, rank_file_name(r, tp), size, h.hexdigest()) for r, h in enumerate(hashes)]
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def planned_bytes(src: Source, tp: int, dtype: torch.dtype) -> int:
     specs = rank_tensor_specs(src.config, tp)
-    return tp * sum(_numel(s) * (4 if rope else dtype.itemsize) + 64 for _, s, rope in specs)
+    return tp * sum(math.prod(s) * (4 if rope else dtype.itemsize) + 64 for _, s, rope in specs)
 
 
 def convert(src: Source, out: Path, tp: int, dtype_name: str, force: bool = False,
@@ -135,9 +120,7 @@ def convert(src: Source, out: Path, tp: int, dtype_name: str, force: bool = Fals
     tok = tokenizer or src.tokenizer
     if tok is None:
         raise LlamafuseError(f"{src.path}: no tokenizer.model found beside the checkpoint (pass --tokenizer)")
-    if not Path(tok).is_file():
-        raise LlamafuseError(f"{tok}: tokenizer not found")
-    check_tokenizer(Path(tok), src.config.vocab_size)
+    load_tokenizer(Path(tok), src.config.vocab_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     need, free = planned_bytes(src, tp, dtype), shutil.disk_usage(out.parent).free
     if need > free:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from llamafuse.formats import LlamafuseError, Manifest, load_manifest
 from llamafuse.formats.manifest import sha256_file
+from llamafuse.formats.tokenizer import load_tokenizer
 
 from . import hellaswag
 from .evaluate import Settings, hellaswag_worker
@@ -70,14 +71,7 @@ def _replicas(device: str, tp: int, replicas: int | None) -> int:
 def _tokenizer(folder: Path, m: Manifest) -> spm.SentencePieceProcessor:
     if m.tokenizer is None:
         raise LlamafuseError(f"{folder}: the manifest names no tokenizer")
-    path = folder / m.tokenizer
-    try:
-        sp = spm.SentencePieceProcessor(model_file=str(path))
-    except (OSError, RuntimeError):
-        raise LlamafuseError(f"{path}: missing or not a SentencePiece model") from None
-    if sp.vocab_size() != m.config.vocab_size:
-        raise LlamafuseError(f"{path}: tokenizer has {sp.vocab_size()} pieces, the model's vocabulary is {m.config.vocab_size}")
-    return sp
+    return load_tokenizer(folder / m.tokenizer, m.config.vocab_size)
 
 
 def _check_new(path: Path | None, force: bool) -> None:
