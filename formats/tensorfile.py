@@ -96,9 +96,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 class MappedFile:
     """A read-only memory map of a safetensors file with zero-copy tensor views."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, header: tuple[dict[str, TensorInfo], dict[str, str]] | None = None):
+        """`header`: what read_header(path) returned, if the caller already parsed it."""
         self.path = Path(path)
-        self.tensors, self.metadata = read_header(self.path)
+        self.tensors, self.metadata = header or read_header(self.path)
         with open(self.path, "rb") as f:
             # Copy-on-write mapping: writable for torch.frombuffer, never written back.
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if self.path.stat().st_size else None

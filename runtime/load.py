@@ -17,7 +17,7 @@ from .parallel import Context, first_error
 CHUNK = 64 << 20
 
 
-def check_rank_file(folder: Path, manifest: Manifest, rank: int) -> dict[str, TensorInfo]:
+def check_rank_file(folder: Path, manifest: Manifest, rank: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Cheap integrity checks: size, header, and exactly the tensors the format prescribes."""
     rf = manifest.ranks[rank]
     path = Path(folder) / rf.file
@@ -26,7 +26,7 @@ def check_rank_file(folder: Path, manifest: Manifest, rank: int) -> dict[str, Te
     size = path.stat().st_size
     if size != rf.bytes:
         raise LlamafuseError(f"{path}: {size} bytes, but the manifest says {rf.bytes} (truncated or replaced?)")
-    infos, _ = read_header(path)
+    infos, meta = read_header(path)
     specs = rank_tensor_specs(manifest.config, manifest.tp)
     if set(infos) != {n for n, _, _ in specs}:
         missing = sorted({n for n, _, _ in specs} - set(infos))[:3]
@@ -36,17 +36,17 @@ def check_rank_file(folder: Path, manifest: Manifest, rank: int) -> dict[str, Te
         t = infos[name]
         if t.shape != shape or t.dtype != want:
             raise LlamafuseError(f"{path}: tensor '{name}' is {t.dtype} {t.shape}, expected {want} {shape}")
-    return infos
+    return infos, meta
 
 
 def load_rank(folder: Path, manifest: Manifest, rank: int, device: torch.device,
               threads: int = 16) -> dict[str, torch.Tensor]:
     """Tensors of rank file `rank` on `device`. CPU: zero-copy mmap views. CUDA: the file is
     streamed through pinned buffers by several threads straight into one device allocation."""
-    infos = check_rank_file(folder, manifest, rank)
+    infos, meta = check_rank_file(folder, manifest, rank)
     path = Path(folder) / manifest.ranks[rank].file
     if device.type == "cpu":
-        mf = MappedFile(path)
+        mf = MappedFile(path, (infos, meta))
         return {n: mf.get(n) for n in infos}
     buf = _copy_file_to_device(path, device, threads)
     return {n: buf[t.begin:t.end].view(t.dtype).view(t.shape) for n, t in infos.items()}
