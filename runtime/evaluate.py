@@ -6,6 +6,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -15,7 +16,8 @@ from llamafuse.formats import LlamafuseError, load_manifest
 
 from .hellaswag import Item, sample_record
 from .load import open_model
-from .model import Batch, FlexAttention, Model, make_batch
+from .model import FlexAttention, Model
+from .packing import Batch, make_batch, pack_groups, prefix_forest
 from .parallel import Context
 
 
@@ -27,53 +29,51 @@ class Settings:
     progress: bool = True
 
 
+def sequences(item: Item) -> list[list[int]]:
+    """The model inputs of an item: context + ending, less the ending's last token (never an input)."""
+    return [item.context + list(e[:-1]) for e in item.endings]
+
+
 def pack(items: list[Item], batch_tokens: int) -> list[list[int]]:
-    """Indices of `items` in batches of at most batch_tokens tokens (first-fit decreasing).
+    """Indices of `items` in batches whose prefix forest has at most batch_tokens tokens."""
+    return pack_groups([sequences(it) for it in items], batch_tokens)
 
-    Longest items first; each goes into the first batch with room, so short items fill the
-    gaps and batches come out nearly full. An item longer than the budget gets its own batch.
+
+class ItemBatch(NamedTuple):
+    batch: Batch
+    rows: torch.Tensor     # [T] per scored token: its row among batch.select
+    targets: torch.Tensor  # [T] the token it scores
+    slot: torch.Tensor     # [T] its (item, ending) as 4 * item + ending
+    tokens: int            # tokens in the forest (without filler)
+
+
+def item_batch(items: list[Item], pad_to: int | None = None) -> ItemBatch:
+    """The packed batch of some items and what to score in it.
+
+    Ending e is scored at the context's last token and at its own first len(e) - 1 tokens;
+    sequences that share a prefix share those rows.
     """
-    order = sorted(range(len(items)), key=lambda i: -items[i].n_tokens)
-    batches: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        n = items[i].n_tokens
-        k = next((k for k, r in enumerate(room) if r >= n), None)
-        if k is None:
-            batches.append([])
-            room.append(batch_tokens)
-            k = len(room) - 1
-        batches[k].append(i)
-        room[k] -= n
-    return batches
-
-
-def item_batch(items: list[Item], pad_to: int | None = None) -> tuple[Batch, torch.Tensor, torch.Tensor]:
-    """The packed batch, the target token of each scored position, and its (item, ending) slot.
-
-    Ending j of length L is scored at the context's last token and its own first L-1 tokens.
-    """
-    select, targets, slot = [], [], []
-    start = 0
+    forest = prefix_forest([s for it in items for s in sequences(it)])
+    row_of: dict[int, int] = {}
+    rows, targets, slot = [], [], []
     for k, it in enumerate(items):
-        last_ctx = start + len(it.context) - 1
-        pos = start + len(it.context)
         for j, e in enumerate(it.endings):
-            select += [last_ctx] + list(range(pos, pos + len(e) - 1))
+            path = forest.index[4 * k + j]
+            for t, tok in enumerate(e):
+                rows.append(row_of.setdefault(path[len(it.context) - 1 + t], len(row_of)))
             targets += e
             slot += [4 * k + j] * len(e)
-            pos += len(e)
-        start = pos
-    batch = make_batch([(it.context, [list(e) for e in it.endings]) for it in items], select, pad_to)
-    return batch, torch.tensor(targets, dtype=torch.long), torch.tensor(slot, dtype=torch.long)
+    return ItemBatch(make_batch(forest, list(row_of), pad_to),
+                     *(torch.tensor(x, dtype=torch.long) for x in (rows, targets, slot)), len(forest))
 
 
-def score_batch(model: Model, items: list[Item], device: torch.device, pad_to: int | None = None) -> torch.Tensor:
-    """[len(items), 4] float64 summed log-likelihoods, left on `device` (no host sync)."""
-    batch, targets, slot = item_batch(items, pad_to)
-    lp = model.target_logprobs(batch.to(device), targets.to(device, non_blocking=True))
+def score_batch(model: Model, items: list[Item], device: torch.device, pad_to: int | None = None) -> tuple[torch.Tensor, int]:
+    """([len(items), 4] float64 summed log-likelihoods left on `device` (no host sync), tokens run)."""
+    ib = item_batch(items, pad_to)
+    rows, targets, slot = (x.to(device, non_blocking=True) for x in (ib.rows, ib.targets, ib.slot))
+    lp = model.target_logprobs(ib.batch.to(device), rows, targets)
     out = torch.zeros(4 * len(items), dtype=torch.float64, device=device)
-    return out.index_add_(0, slot.to(device, non_blocking=True), lp.double()).view(-1, 4)
+    return out.index_add_(0, slot, lp.double()).view(-1, 4), ib.tokens
 
 
 def _append(path: Path, records: list[dict]) -> None:
@@ -100,18 +100,17 @@ def hellaswag_worker(ctx: Context, folder: Path, items: list[Item], settings: Se
 
 def score_items(ctx: Context, model: Model, items: list[Item], settings: Settings) -> dict | None:
     """Score this replica's share of the batches; rank 0 gets everyone's {doc_id: lls}."""
-    # Compiled kernels want one shape: pad every batch to the budget (first-fit keeps them full).
+    # Compiled kernels want one shape: pad every batch to the budget (packing keeps them full).
     pad_to = settings.batch_tokens if isinstance(model.attention, FlexAttention) else None
     batches = pack(items, settings.batch_tokens)[ctx.replica::ctx.replicas]
     leader = ctx.tp_rank == 0
-    total = sum(items[i].n_tokens for b in batches for i in b)
     bar = tqdm(total=sum(len(b) for b in batches), unit="item", dynamic_ncols=True, mininterval=1.0,
                disable=not (settings.progress and ctx.is_main), desc=f"hellaswag x{ctx.replicas}" if ctx.replicas > 1 else "hellaswag")
     results: dict[int, list[float]] = {}
     done_tokens = 0
     t1 = time.perf_counter()
 
-    def collect(its: list[Item], lls: torch.Tensor) -> None:
+    def collect(its: list[Item], lls: torch.Tensor, tokens: int) -> None:
         nonlocal done_tokens
         rows = lls.cpu().tolist()                       # waits for this batch only
         recs = [sample_record(it, r) for it, r in zip(its, rows)]
@@ -119,7 +118,7 @@ def score_items(ctx: Context, model: Model, items: list[Item], settings: Setting
             results[it.doc_id] = r
         if leader and settings.samples:
             _append(settings.samples, recs)
-        done_tokens += sum(it.n_tokens for it in its)
+        done_tokens += tokens
         bar.update(len(its))
         bar.set_postfix_str(f"{done_tokens / (time.perf_counter() - t1):,.0f} tok/s", refresh=False)
 
@@ -130,10 +129,10 @@ def score_items(ctx: Context, model: Model, items: list[Item], settings: Setting
     try:
         for k, b in enumerate(batches):
             its = [items[i] for i in b]
-            lls = score_batch(model, its, ctx.device, pad_to)  # queued on the device
+            lls, tokens = score_batch(model, its, ctx.device, pad_to)  # queued on the device
             if pending:
                 collect(*pending)                        # the previous batch, while this one runs
-            pending = (its, lls)
+            pending = (its, lls, tokens)
             if k == 0:                                   # includes compilation: timed on its own
                 collect(*pending)
                 pending, first_s = None, time.perf_counter() - t1
@@ -147,12 +146,13 @@ def score_items(ctx: Context, model: Model, items: list[Item], settings: Setting
     eval_s = time.perf_counter() - t1
     if ctx.world > 1:
         gathered: list[dict] | None = [{} for _ in range(ctx.world)] if ctx.is_main else None
-        dist.gather_object({"results": results if leader else {}, "eval_s": eval_s, "first_s": first_s}, gathered, dst=0)
+        dist.gather_object({"results": results if leader else {}, "eval_s": eval_s, "first_s": first_s,
+                            "tokens": done_tokens if leader else 0}, gathered, dst=0)
         if not ctx.is_main:
             return None
         results = {k: v for g in gathered for k, v in g["results"].items()}
         eval_s = max(g["eval_s"] for g in gathered)
         first_s = max(g["first_s"] for g in gathered)
-        total = sum(it.n_tokens for it in items)
-    return {"lls": results, "eval_s": eval_s, "first_batch_s": first_s, "tokens": total,
+        done_tokens = sum(g["tokens"] for g in gathered)
+    return {"lls": results, "eval_s": eval_s, "first_batch_s": first_s, "tokens": done_tokens,
             "device": str(ctx.device), "replicas": ctx.replicas}

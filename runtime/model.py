@@ -1,14 +1,11 @@
 """The fused LLaMA forward over packed token batches, one tensor-parallel rank of it.
 
-A batch packs many sequences into one row of N tokens with no padding. Each token carries
-`item` (which sequence-group it belongs to) and `branch` (0 for a shared prefix, j > 0 for the
-j-th continuation). Token a attends to token b iff they share an item, b comes no later than a,
-and b is in the prefix or in a's own branch. A plain causal sequence is one item of branch 0;
-a HellaSwag item is its context (branch 0) followed by its four endings (branches 1..4).
+A batch (`packing.Batch`) is one row of N tokens holding a prefix forest in depth-first order:
+token k is visible to queries k..end[k]-1, its own subtree, so every token attends to exactly
+the tokens of its own sequence so far, and shared prefixes are computed once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,84 +15,52 @@ import torch.nn.functional as F
 from llamafuse.formats import ModelConfig, RankLayout
 from llamafuse.formats import names
 
-
-@dataclass
-class Batch:
-    tokens: torch.Tensor     # [N] int64
-    positions: torch.Tensor  # [N] int64, rotary position of each token
-    item: torch.Tensor       # [N] int64, which sequence-group
-    branch: torch.Tensor     # [N] int64, 0 = shared prefix, j = continuation j
-    select: torch.Tensor     # [M] int64, tokens whose next-token logits are needed
-    starts: torch.Tensor     # [G + 1] int64, where each group starts in the packed row, then N
-
-    def to(self, device: torch.device) -> "Batch":
-        return Batch(*(getattr(self, f).to(device, non_blocking=True) for f in self.__dataclass_fields__))
-
-
-def make_batch(groups: list[tuple[list[int], list[list[int]]]], select: list[int], pad_to: int | None = None) -> Batch:
-    """Pack (prefix, [continuations]) groups; `select` indexes the packed tokens to score.
-
-    With `pad_to`, filler tokens (a causal group of their own) make the row exactly that long,
-    so every batch has one shape.
-    """
-    toks, pos, item, branch, starts = [], [], [], [], []
-    for g, (prefix, conts) in enumerate(groups):
-        starts.append(len(toks))
-        toks += prefix
-        pos += range(len(prefix))
-        item += [g] * len(prefix)
-        branch += [0] * len(prefix)
-        for j, cont in enumerate(conts, 1):
-            toks += cont
-            pos += range(len(prefix), len(prefix) + len(cont))
-            item += [g] * len(cont)
-            branch += [j] * len(cont)
-    if pad_to is not None and pad_to > len(toks):
-        n = pad_to - len(toks)
-        starts.append(len(toks))
-        toks += [0] * n
-        pos += [0] * n
-        item += [len(groups)] * n
-        branch += [0] * n
-    starts.append(len(toks))
-    return Batch(*(torch.tensor(x, dtype=torch.long) for x in (toks, pos, item, branch, select, starts)))
+from .packing import Batch
 
 
 class BlockAttention:
-    """SDPA over each group padded to the batch's longest, with an explicit boolean mask.
+    """SDPA per block of Q consecutive queries against the keys that block can see.
 
-    Works on the CPU and on every CUDA capability (on sm70 the memory-efficient kernel takes
-    the mask); the masked N x N problem becomes B small S x S ones.
+    In depth-first order the keys visible to queries a..a+Q-1 are the ancestors of token a
+    (the k < a with end[k] > a) and the block itself, so each block becomes a small dense
+    problem with an explicit boolean mask. Works on the CPU and on every CUDA capability
+    (on sm70 the memory-efficient kernel takes the mask).
     """
 
-    def prepare(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(pad_index [B*S], unpad_index [N], mask [B, 1, S, S]) for this batch."""
-        starts = b.starts
-        lens = starts[1:] - starts[:-1]
-        B, S = lens.numel(), int(lens.max())
-        ar = torch.arange(S, device=starts.device)
-        valid = ar[None, :] < lens[:, None]                                       # [B, S]
-        pad_index = torch.where(valid, starts[:-1, None] + ar[None, :], 0)
-        unpad_index = torch.arange(B * S, device=starts.device).view(B, S)[valid]
-        br = torch.where(valid, b.branch[pad_index], -1)                          # [B, S]
-        causal = torch.ones(S, S, dtype=torch.bool, device=starts.device).tril()
-        mask = causal & ((br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])) & valid[:, None, :]
-        mask |= torch.eye(S, dtype=torch.bool, device=starts.device) & ~valid[:, :, None]  # padding sees itself
-        return pad_index.view(-1), unpad_index, mask[:, None]
+    def __init__(self, block: int = 128):
+        self.block = block
+
+    def prepare(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key index [C, D+Q] into the row, mask [C, 1, Q, D+Q]) for C query blocks."""
+        end, Q = b.end, self.block
+        N = end.numel()
+        C = -(-N // Q)
+        ar = torch.arange(N, device=end.device)
+        first = torch.arange(C, device=end.device) * Q                            # [C]
+        ancestor = (ar[None, :] < first[:, None]) & (end[None, :] > first[:, None])  # [C, N]
+        D = -(-int(ancestor.sum(1).max()) // 16) * 16                             # keys padded to 16s
+        anc = torch.where(ancestor, ar, N).sort(dim=1).values[:, :D]              # N marks padding
+        if anc.shape[1] < D:
+            anc = F.pad(anc, (0, D - anc.shape[1]), value=N)
+        own = first[:, None] + torch.arange(Q, device=end.device)                 # [C, Q]
+        keys = torch.cat([anc, own], 1)                                           # [C, D+Q]
+        valid = keys < N
+        keys = keys.clamp(max=N - 1)
+        q = own.clamp(max=N - 1)                                                  # padded queries repeat N-1
+        mask = valid[:, None, :] & (keys[:, None, :] <= q[:, :, None]) & (q[:, :, None] < end[keys][:, None, :])
+        return keys, mask[:, None]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any) -> torch.Tensor:
         """q [N, H, hd], k/v [N, KV, hd] -> [N, H*hd]."""
-        pad_index, unpad_index, mask = state
+        keys, mask = state
         N, H, hd = q.shape
-        B, S = mask.shape[0], mask.shape[-1]
-
-        def pad(x: torch.Tensor) -> torch.Tensor:                                 # -> [B, heads, S, hd]
-            return x[pad_index].view(B, S, x.shape[1], hd).transpose(1, 2)
-        qp, kp, vp = pad(q), pad(k), pad(v)
+        C, Q = mask.shape[0], mask.shape[2]
+        qp = F.pad(q, (0, 0, 0, 0, 0, C * Q - N)).view(C, Q, H, hd).transpose(1, 2)  # [C, H, Q, hd]
+        kp, vp = k[keys].transpose(1, 2), v[keys].transpose(1, 2)                    # [C, KV, D+Q, hd]
         if kp.shape[1] != H:
             kp, vp = kp.repeat_interleave(H // kp.shape[1], 1), vp.repeat_interleave(H // vp.shape[1], 1)
-        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask)           # [B, H, S, hd]
-        return o.transpose(1, 2).reshape(B * S, H * hd)[unpad_index]
+        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask)                # [C, H, Q, hd]
+        return o.transpose(1, 2).reshape(C * Q, H * hd)[:N]
 
 
 class FlexAttention:
@@ -110,13 +75,12 @@ class FlexAttention:
         self._flex = torch.compile(flex_attention, dynamic=False)
 
     def prepare(self, b: Batch) -> Any:
-        item, branch = b.item, b.branch
+        end = b.end
 
         def visible(_b: Any, _h: Any, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
-            same = item[qi] == item[ki]
-            return same & (ki <= qi) & ((branch[ki] == 0) | (branch[ki] == branch[qi]))
-        n = item.numel()
-        return self._create(visible, None, None, n, n, device=item.device, _compile=True)
+            return (ki <= qi) & (qi < end[ki])
+        n = end.numel()
+        return self._create(visible, None, None, n, n, device=end.device, _compile=True)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any) -> torch.Tensor:
         N, H, hd = q.shape
@@ -192,18 +156,20 @@ class Model:
         dist.all_gather(parts, local, group=self.group)
         return torch.cat(parts, dim=-1)
 
-    def target_logprobs(self, b: Batch, targets: torch.Tensor) -> torch.Tensor:
-        """log p(targets[m] | selected token m), [M] float32, by a vocab-parallel log-softmax."""
-        local = self.logits(b)
+    def target_logprobs(self, b: Batch, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(targets[t] | selected token rows[t]), [T] float32, by a vocab-parallel log-softmax.
+
+        Several targets may share a row (sequences that share a prefix predict different tokens)."""
+        local = self.logits(b)                                                  # [M, V/tp]
         mx = local.max(-1).values
         if self.lay.tp > 1:
             dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=self.group)
         sumexp = (local - mx[:, None]).exp().sum(-1)
-        lo = self.lay.vocab.start
-        inside = (targets >= lo) & (targets < lo + local.shape[-1])
-        tgt = torch.where(inside, local.gather(-1, (targets - lo).clamp(0, local.shape[-1] - 1)[:, None])[:, 0], 0.0)
+        lo, width = self.lay.vocab.start, local.shape[-1]
+        inside = (targets >= lo) & (targets < lo + width)
+        tgt = torch.where(inside, local[rows, (targets - lo).clamp(0, width - 1)], 0.0)
         if self.lay.tp > 1:
-            both = torch.stack([sumexp, tgt])
+            both = torch.cat([sumexp, tgt])
             dist.all_reduce(both, group=self.group)
-            sumexp, tgt = both[0], both[1]
-        return tgt - mx - sumexp.log()
+            sumexp, tgt = both.split([sumexp.numel(), tgt.numel()])
+        return tgt - (mx + sumexp.log())[rows]

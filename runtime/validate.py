@@ -9,7 +9,7 @@ import torch
 from llamafuse.formats import load_manifest
 
 from .load import open_model
-from .model import make_batch
+from .packing import make_batch, prefix_forest
 from .parallel import Context
 
 # Relative L2 error allowed against a float64 reference, by shard dtype, and the top-1 agreement.
@@ -41,6 +41,6 @@ def logits_worker(ctx: Context, folder: Path, sequences: list[list[int]]) -> lis
     model = open_model(ctx, folder, manifest)
     out = []
     for seq in sequences:
-        b = make_batch([(seq, [])], list(range(len(seq)))).to(ctx.device)
+        b = make_batch(prefix_forest([seq]), range(len(seq))).to(ctx.device)
         out.append(model.full_logits(b).cpu())
     return out if ctx.is_main else None

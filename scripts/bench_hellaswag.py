@@ -76,24 +76,33 @@ def layer_flops(c: ModelConfig) -> int:
     return 2 * (c.dim * (c.q_dim + 2 * c.kv_dim) + c.q_dim * c.dim + 3 * c.dim * c.ffn_dim)
 
 
-def part_ceiling(c: ModelConfig, n: int, report: dict) -> None:
+def layer_gemms(c: ModelConfig, n: int):
+    """A closure running one layer's four GEMMs at n tokens (random operands)."""
     x = torch.randn(n, c.dim, dtype=torch.float16, device=DEV)
     y = torch.randn(n, c.ffn_dim, dtype=torch.float16, device=DEV)
     w = {k: torch.randn(s, dtype=torch.float16, device=DEV) * 0.01 for k, s in
-         {"qkv": (3 * c.q_dim, c.dim), "o": (c.dim, c.q_dim), "gate_up": (2 * c.ffn_dim, c.dim), "down": (c.dim, c.ffn_dim)}.items()}
+         {"qkv": (c.q_dim + 2 * c.kv_dim, c.dim), "o": (c.dim, c.q_dim), "gate_up": (2 * c.ffn_dim, c.dim),
+          "down": (c.dim, c.ffn_dim)}.items()}
 
     def gemms() -> None:
         x @ w["qkv"].T
         x @ w["o"].T
         x @ w["gate_up"].T
         y @ w["down"].T
+    return gemms
+
+
+def part_ceiling(c: ModelConfig, n: int, report: dict) -> None:
+    gemms = layer_gemms(c, n)
     ms = bench_ms(gemms)
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    ms_lt = bench_ms(gemms)
+    torch.backends.cuda.preferred_blas_library("cublas")
+    print(f"layer GEMMs at {n} tokens: cuBLAS {ms:.2f} ms, cuBLASLt {ms_lt:.2f} ms", flush=True)
+    del gemms
     sweep = {}
     for m in (4096, 8192, 16384, 32768, 65536):
-        xm, ym = torch.randn(m, c.dim, dtype=torch.float16, device=DEV), torch.randn(m, c.ffn_dim, dtype=torch.float16, device=DEV)
-        t = bench_ms(lambda: (xm @ w["qkv"].T, xm @ w["o"].T, xm @ w["gate_up"].T, ym @ w["down"].T), reps=10)
-        sweep[m] = layer_flops(c) * m / t / 1e9
-        del xm, ym
+        sweep[m] = layer_flops(c) * m / bench_ms(layer_gemms(c, m), reps=10) / 1e9
     print("GEMM TFLOP/s by tokens per batch:", {k: round(v) for k, v in sweep.items()}, flush=True)
     a = torch.randn(8192, 8192, dtype=torch.float16, device=DEV)
     ms_sq = bench_ms(lambda: a @ a)
@@ -101,10 +110,11 @@ def part_ceiling(c: ModelConfig, n: int, report: dict) -> None:
     ms_sq_bf16 = bench_ms(lambda: ab @ ab)
     del ab
     report["ceiling"] = {"tokens": n, "layer_gemm_ms": ms, "tflops": layer_flops(c) * n / ms / 1e9,
+                         "cublaslt_tflops": layer_flops(c) * n / ms_lt / 1e9,
                          "square_8192_tflops": 2 * 8192 ** 3 / ms_sq / 1e9,
                          "square_8192_bf16_tflops": 2 * 8192 ** 3 / ms_sq_bf16 / 1e9,
                          "by_tokens": sweep}
-    del x, y, w, a
+    del a
     # One whole layer per backend, on a real packed batch of n tokens.
     lay = RankLayout(LLAMA_30B, 1, 0)
     one = LLAMA_30B.__class__(**{**LLAMA_30B.to_dict(), "n_layers": 1})
@@ -115,8 +125,7 @@ def part_ceiling(c: ModelConfig, n: int, report: dict) -> None:
     for label, attn, compile in (("flex+compile", FlexAttention(), True), ("no attention+compile", NoAttention(), True),
                                  ("flex, eager", FlexAttention(), False), ("blocks (sm70 path)", BlockAttention(), False)):
         model = Model(one, lay, wts, None, attn, compile)
-        b, _, _ = item_batch(first, n if isinstance(attn, (FlexAttention, NoAttention)) else None)
-        b = b.to(DEV)
+        b = item_batch(first, n if isinstance(attn, (FlexAttention, NoAttention)) else None).batch.to(DEV)
         h = wts[names.EMBED][b.tokens]
         cos, sin = wts[names.ROPE_COS][b.positions][:, None], wts[names.ROPE_SIN][b.positions][:, None]
         t0 = time.perf_counter()
@@ -144,6 +153,7 @@ class NoAttention:
 
 
 def part_eval(c: ModelConfig, items: list, args: argparse.Namespace, report: dict) -> dict[str, torch.Tensor]:
+    from llamafuse.runtime.evaluate import item_batch, pack
     wts = random_weights(c)
     attn, compile = fast_path(DEV, c.head_dim, args.attention)
     model = Model(c, RankLayout(c, 1, 0), wts, None, attn, compile)
@@ -156,20 +166,46 @@ def part_eval(c: ModelConfig, items: list, args: argparse.Namespace, report: dic
     score_items(ctx, model, items[64:128], settings)
     torch.cuda.set_sync_debug_mode(0)
     warm_s = time.perf_counter() - t0
+    # Timeline: CUDA events around each batch's forward show whether the GPU ever waits for the host.
+    events, forward = [], model.target_logprobs
+
+    def timed(*a):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        out = forward(*a)
+        e.record()
+        events.append((s, e))
+        return out
+    model.target_logprobs = timed
     torch.cuda.reset_peak_memory_stats()
     run = score_items(ctx, model, items, settings)
+    busy = [s.elapsed_time(e) / 1e3 for s, e in events]
+    idle = [e.elapsed_time(s2) / 1e3 for (_, e), (s2, _) in zip(events, events[1:])]
+    # Work done: every forest token through the 60 layers, the output head at each distinct scored row.
+    rows = sum(item_batch([items[i] for i in b]).batch.select.numel() for b in pack(items, args.batch_tokens))
+    body = 2 * (c.n_params() - 2 * c.vocab_size * c.dim)
+    flops = body * run["tokens"] + 2 * c.vocab_size * c.dim * rows
     shared, pairs, _ = hellaswag.count_tokens(items)
     scored = sum(len(e) for it in items for e in it.endings)
-    flops = 2 * (c.n_params() - 2 * c.vocab_size * c.dim) * shared + 2 * c.vocab_size * c.dim * scored
+    shared_flops = body * shared + 2 * c.vocab_size * c.dim * scored   # the brief's shared-context count
     ceiling = report.get("ceiling", {}).get("tflops", args.ceiling)
-    report["eval"] = {"items": len(items), "tokens": shared, "pair_tokens": pairs, "scored_tokens": scored,
-                      "seconds": run["eval_s"], "warmup_s": warm_s, "tokens_per_s": shared / run["eval_s"],
-                      "tflops": flops / run["eval_s"] / 1e12, "flops": flops, "ceiling_tflops": ceiling,
-                      "floor_s": flops / (ceiling * 1e12), "fraction_of_ceiling": flops / run["eval_s"] / 1e12 / ceiling,
+    report["eval"] = {"items": len(items), "tokens": run["tokens"], "scored_rows": rows, "flops": flops,
+                      "shared_context_tokens": shared, "shared_context_flops": shared_flops, "pair_tokens": pairs,
+                      "seconds": run["eval_s"], "warmup_s": warm_s, "tokens_per_s": run["tokens"] / run["eval_s"],
+                      "tflops": flops / run["eval_s"] / 1e12, "ceiling_tflops": ceiling,
+                      "fraction_of_ceiling": flops / run["eval_s"] / 1e12 / ceiling,
+                      "floor_s": flops / (ceiling * 1e12), "shared_context_floor_s": shared_flops / (ceiling * 1e12),
+                      "gpu_busy_s": sum(busy), "gpu_idle_between_batches_s": sum(idle), "batches": len(busy),
+                      "batch_ms_median": 1e3 * statistics.median(busy), "batch_ms_max": 1e3 * max(busy),
                       "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "batch_tokens": args.batch_tokens,
                       "attention": type(attn).__name__, "compile": compile}
+    gemms = layer_gemms(c, args.batch_tokens)
+    report["eval"]["hot_ceiling_tflops"] = layer_flops(c) * args.batch_tokens / bench_ms(gemms) / 1e9
+    del gemms
     report["_lls"] = run["lls"]
-    print(f"eval: {run['eval_s']:.1f} s for {len(items)} items", flush=True)
+    print(f"eval: {run['eval_s']:.1f} s for {len(items)} items, {run['tokens']:,} tokens; GPU busy {sum(busy):.1f} s, "
+          f"idle between batches {sum(idle):.2f} s; GEMM ceiling right after: {report['eval']['hot_ceiling_tflops']:.0f} TFLOP/s",
+          flush=True)
     return wts
 
 
@@ -400,9 +436,13 @@ def print_table(r: dict) -> None:
         rows.append((f"one layer, {k}", f"{v['ms']:.2f} ms ({v['vs_gemm']:.3f} x GEMMs)"))
     e = r.get("eval")
     if e:
-        rows += [("llamafuse eval", f"{e['seconds']:.1f} s  ({e['tokens_per_s']:,.0f} tok/s, {e['tflops']:.0f} TFLOP/s, "
-                                    f"{100 * e['fraction_of_ceiling']:.1f}% of ceiling)"),
-                 ("floor (flops / ceiling)", f"{e['floor_s']:.1f} s"), ("peak GPU memory", f"{e['peak_mem_gb']:.1f} GB")]
+        rows += [("llamafuse eval", f"{e['seconds']:.1f} s  ({e['tokens']:,} tokens, {e['tokens_per_s']:,.0f} tok/s, "
+                                    f"{e['tflops']:.0f} TFLOP/s, {100 * e['fraction_of_ceiling']:.1f}% of ceiling)"),
+                 ("GPU busy / idle between batches", f"{e['gpu_busy_s']:.1f} s / {e['gpu_idle_between_batches_s']:.2f} s"),
+                 ("GEMM ceiling right after the eval", f"{e['hot_ceiling_tflops']:.0f} TFLOP/s"),
+                 ("floor: work done / ceiling", f"{e['floor_s']:.1f} s"),
+                 ("floor: shared-context work / ceiling", f"{e['shared_context_floor_s']:.1f} s"),
+                 ("peak GPU memory", f"{e['peak_mem_gb']:.1f} GB")]
     for k, v in r.get("hf", {}).items():
         sp = f", speed-up {v['extrapolated_s'] / e['seconds']:.1f}x" if e else ""
         rows.append((f"HF transformers {k}", f"{v['extrapolated_s']:.0f} s (extrapolated from {v['pairs']} pairs){sp}"))

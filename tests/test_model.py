@@ -1,4 +1,4 @@
-"""The fused model's pieces: the attention rule, both backends, packing, the fast-path choice."""
+"""The fused model's pieces: the prefix forest and its attention rule, both backends, packing, the fast-path choice."""
 from __future__ import annotations
 
 import random
@@ -12,9 +12,10 @@ from llamafuse.convert.sources import open_source
 from llamafuse.convert.write import convert
 from llamafuse.formats import RankLayout, load_manifest
 from llamafuse.runtime import hellaswag
-from llamafuse.runtime.evaluate import item_batch, pack
+from llamafuse.runtime.evaluate import item_batch, pack, sequences
 from llamafuse.runtime.load import fast_path, load_rank
-from llamafuse.runtime.model import BlockAttention, FlexAttention, Model, make_batch
+from llamafuse.runtime.model import BlockAttention, FlexAttention, Model
+from llamafuse.runtime.packing import make_batch, prefix_forest
 
 
 @pytest.fixture(scope="module")
@@ -27,35 +28,50 @@ def stories(tmp_path_factory, stories_meta: Path, data_dir: Path):
     return m, load_rank(out, m, 0, torch.device("cpu")), hellaswag.build_items(docs, sp, True)
 
 
-def test_mask_follows_the_visibility_rule():
-    """Token a sees b iff same group, b not after a, and b in the prefix or in a's own branch."""
-    rng = random.Random(0)
-    groups = [([rng.randrange(9) for _ in range(rng.randint(1, 5))],
-               [[rng.randrange(9) for _ in range(rng.randint(1, 4))] for _ in range(rng.randint(0, 4))])
-              for _ in range(5)]
-    b = make_batch(groups, [0])
-    pad_index, unpad_index, mask = BlockAttention().prepare(b)
-    S = mask.shape[-1]
-    n = b.tokens.numel()
-    dense = torch.zeros(n, n, dtype=torch.bool)
-    for a in range(n):
-        for c in range(n):
-            dense[a, c] = (b.item[a] == b.item[c]) and c <= a and b.branch[c] in (0, b.branch[a])
-    slot_of = {int(t): int(s) for s, t in zip(unpad_index, range(n))}
-    for a in range(n):
-        for c in range(n):
-            sa, sc = slot_of[a], slot_of[c]
-            same_row = sa // S == sc // S
-            assert (same_row and bool(mask[sa // S, 0, sa % S, sc % S])) == bool(dense[a, c])
-    assert torch.equal(pad_index.view(-1, S).flatten()[unpad_index], torch.arange(n))
+def shared_sequences(rng: random.Random, n: int = 12) -> list[list[int]]:
+    """Random sequences over a tiny alphabet, many starting alike (and some duplicated)."""
+    seqs = [[rng.randrange(3) for _ in range(rng.randint(1, 7))] for _ in range(n)]
+    return seqs + [s[:rng.randint(1, len(s))] + [rng.randrange(3)] for s in seqs[:4]] + [seqs[0]]
 
 
-def test_pack_places_every_item_once_within_budget(stories):
+@pytest.mark.parametrize("seed", range(5))
+def test_forest_each_token_sees_exactly_its_own_sequence(seed):
+    rng = random.Random(seed)
+    seqs = shared_sequences(rng)
+    f = prefix_forest(seqs)
+    assert len(f) == len({tuple(s[:t + 1]) for s in seqs for t in range(len(s))})  # each prefix once
+    for s, path in zip(seqs, f.index):
+        for t, node in enumerate(path):
+            assert f.tokens[node] == s[t] and f.positions[node] == t
+            seen = {k for k in range(len(f)) if k <= node < f.end[k]}
+            assert seen == set(path[:t + 1])
+
+
+@pytest.mark.parametrize("block", [1, 3, 8, 128])
+def test_block_attention_mask_is_the_forest_rule(block):
+    """BlockAttention's per-block keys and masks, unfolded, are exactly k <= q < end[k]."""
+    f = prefix_forest(shared_sequences(random.Random(block)))
+    b = make_batch(f, [0], pad_to=len(f) + 5)            # filler tokens see only themselves
+    end = b.end.tolist()
+    n = len(end)
+    keys, mask = BlockAttention(block).prepare(b)
+    seen = [set() for _ in range(n)]
+    for c in range(keys.shape[0]):
+        for i in range(block):
+            q = c * block + i
+            if q < n:
+                seen[q] |= {int(keys[c, j]) for j in range(keys.shape[1]) if mask[c, 0, i, j]}
+    assert seen == [{k for k in range(n) if k <= q < end[k]} for q in range(n)]
+
+
+def test_pack_places_every_item_once_within_budget_sharing_prefixes(stories):
     _, _, items = stories
     batches = pack(items, 300)
     assert sorted(i for b in batches for i in b) == list(range(len(items)))
-    for b in batches:
-        assert len(b) == 1 or sum(items[i].n_tokens for i in b) <= 300
+    sizes = [len(prefix_forest([s for i in b for s in sequences(items[i])])) for b in batches]
+    assert all(n <= 300 or len(b) == 1 for n, b in zip(sizes, batches))
+    alone = sum(len(prefix_forest(sequences(it))) for it in items)
+    assert sum(sizes) < alone < sum(it.n_tokens for it in items)  # shared across and within items
 
 
 def test_sm80_path_pieces_equal_the_sdpa_mask_path(stories):
@@ -65,12 +81,12 @@ def test_sm80_path_pieces_equal_the_sdpa_mask_path(stories):
     inside a compiled block, so the combination itself runs only on the GPU benchmark.)"""
     m, tensors, items = stories
     lay = RankLayout(m.config, 1, 0)
-    batch, targets, _ = item_batch(items[:5])
-    ref = Model(m.config, lay, tensors, None, BlockAttention()).target_logprobs(batch, targets)
-    padded, targets_p, _ = item_batch(items[:5], pad_to=batch.tokens.numel() + m.config.max_seq_len + 5)
-    flex = Model(m.config, lay, tensors, None, FlexAttention()).target_logprobs(padded, targets_p)
+    ib = item_batch(items[:5])
+    ref = Model(m.config, lay, tensors, None, BlockAttention()).target_logprobs(*ib[:3])
+    padded = item_batch(items[:5], pad_to=ib.tokens + m.config.max_seq_len + 5)
+    flex = Model(m.config, lay, tensors, None, FlexAttention()).target_logprobs(*padded[:3])
     assert torch.allclose(flex, ref, atol=1e-4), (flex - ref).abs().max()
-    compiled = Model(m.config, lay, tensors, None, BlockAttention(), compile=True).target_logprobs(batch, targets)
+    compiled = Model(m.config, lay, tensors, None, BlockAttention(), compile=True).target_logprobs(*ib[:3])
     assert torch.allclose(compiled, ref, atol=1e-4), (compiled - ref).abs().max()
 
 
@@ -88,7 +104,7 @@ def test_out_of_memory_is_one_clear_error(stories):
     from llamafuse.runtime.parallel import Context
 
     class Exhausted(Model):
-        def target_logprobs(self, b, targets):
+        def target_logprobs(self, b, rows, targets):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
     m, tensors, items = stories
     model = Exhausted(m.config, RankLayout(m.config, 1, 0), tensors)

@@ -220,14 +220,18 @@ def test_reference_sanity(stories_src, stories_sp, stories_docs):
 
 @pytest.mark.parametrize("bos", [True, False], ids=["bos", "no-bos"])
 def test_stories_matches_harness(bos, stories_runs, stories_src, stories_sp, stories_docs, stories_out):
-    from llamafuse.runtime.evaluate import pack
+    from llamafuse.runtime.evaluate import pack, sequences
     from llamafuse.runtime.hellaswag import build_items, load_docs
+    from llamafuse.runtime.packing import prefix_forest
 
     # Precondition: --batch-tokens 300 really packs several items per batch, in unequal batches.
     items = build_items(load_docs(str(VAL), N_STORIES), stories_sp, bos)
     batches = pack(items, 300)
     assert 1 < len(batches) < len(items)
     assert max(map(len, batches)) >= 2 and len({len(b) for b in batches}) > 1
+    # ... and items in a batch share prefixes, so the comparison covers cross-item sharing.
+    together = sum(len(prefix_forest([s for i in b for s in sequences(items[i])])) for b in batches)
+    assert together < sum(len(prefix_forest(sequences(it))) for it in items)
 
     ref = harness_scores(stories_src, stories_docs, stories_sp, bos)
     check_against_harness(stories_runs[bos], stories_docs, ref)
@@ -310,10 +314,13 @@ def test_results_and_samples_fields(stories_runs, stories_docs, stories_sp, stor
     for k in ("load_s", "eval_s", "tokens", "tokens_per_s"):
         assert k in t and t[k] >= 0, k
     assert t["eval_s"] > 0 and t["tokens_per_s"] > 0
-    # Tokens scored once per item: the context once plus each ending (counted independently).
-    want_tokens = sum(len(reqs[0][0]) + sum(len(e) for _, e in reqs)
-                      for reqs in (requests(d, stories_sp, True) for d in stories_docs))
-    assert t["tokens"] == want_tokens
+    # Tokens run: every distinct input prefix (context + ending less its last token) at least
+    # once, and no more than one context per item plus its endings (counted independently).
+    reqs = [requests(d, stories_sp, True) for d in stories_docs]
+    inputs = [c + e[:-1] for rs in reqs for c, e in rs]
+    distinct = len({tuple(x[:t + 1]) for x in inputs for t in range(len(x))})
+    per_item = sum(len(rs[0][0]) + sum(len(e) - 1 for _, e in rs) for rs in reqs)
+    assert distinct <= t["tokens"] < per_item
     s = r["settings"]
     assert s["model"] == str(stories_out) and s["dtype"] == "float32" and s["tp"] == 1
     assert s["replicas"] == 1 and s["device"] == "cpu" and s["bos"] is True
