@@ -17,7 +17,7 @@ from llamafuse.formats import LlamafuseError, load_manifest
 from .hellaswag import Item, sample_record
 from .load import open_model
 from .model import FlexAttention, Model
-from .packing import Batch, make_batch, pack_groups, prefix_forest
+from .packing import Batch, make_batch, pack_groups, prefix_forest, to_device
 from .parallel import Context
 
 
@@ -70,7 +70,7 @@ def item_batch(items: list[Item], pad_to: int | None = None) -> ItemBatch:
 def score_batch(model: Model, items: list[Item], device: torch.device, pad_to: int | None = None) -> tuple[torch.Tensor, int]:
     """([len(items), 4] float64 summed log-likelihoods left on `device` (no host sync), tokens run)."""
     ib = item_batch(items, pad_to)
-    rows, targets, slot = (x.to(device, non_blocking=True) for x in (ib.rows, ib.targets, ib.slot))
+    rows, targets, slot = (to_device(x, device) for x in (ib.rows, ib.targets, ib.slot))
     lp = model.target_logprobs(ib.batch.to(device), rows, targets)
     out = torch.zeros(4 * len(items), dtype=torch.float64, device=device)
     return out.index_add_(0, slot, lp.double()).view(-1, 4), ib.tokens

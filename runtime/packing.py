@@ -24,7 +24,15 @@ class Batch:
     select: torch.Tensor     # [M] int64, tokens whose next-token logits are needed
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(*(getattr(self, f).to(device, non_blocking=True) for f in self.__dataclass_fields__))
+        return Batch(*(to_device(getattr(self, f), device) for f in self.__dataclass_fields__))
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to `device` without waiting for the device: a copy from pageable
+    memory waits for all queued GPU work (measured: 40 ms idle per batch), so pin it first."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)

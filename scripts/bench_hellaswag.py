@@ -409,22 +409,27 @@ def main() -> None:
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
                     "tokenize_s": time.perf_counter() - t0, "_items": items}
     args.out.mkdir(parents=True, exist_ok=True)
+    def save() -> None:
+        (args.out / "bench.json").write_text(json.dumps({k: v for k, v in report.items() if not k.startswith("_")}, indent=2))
     if "ceiling" in parts:
         part_ceiling(c, args.batch_tokens, report)
+        save()
     wts = part_eval(c, items, args, report) if "eval" in parts else random_weights(c)
+    save()
     if "hf" in parts:
         part_hf(c, wts, items, args, report)
+        save()
     if "accuracy" in parts:
         part_accuracy(c, wts, items, args, report)
+        save()
     del wts
     torch.cuda.empty_cache()
     if "load" in parts:
         part_load(args, report)
+        save()
     if "small" in parts:
         part_small_models(args, report)
-    report.pop("_items")
-    report.pop("_lls", None)
-    (args.out / "bench.json").write_text(json.dumps(report, indent=2))
+        save()
     print_table(report)
 
 
