@@ -67,13 +67,36 @@ def item_batch(items: list[Item], pad_to: int | None = None) -> ItemBatch:
                      *(torch.tensor(x, dtype=torch.long) for x in (rows, targets, slot)), len(forest))
 
 
-def score_batch(model: Model, items: list[Item], device: torch.device, pad_to: int | None = None) -> tuple[torch.Tensor, int]:
-    """([len(items), 4] float64 summed log-likelihoods left on `device` (no host sync), tokens run)."""
+def score_batch(model: Model, items: list[Item], device: torch.device, pad_to: int | None = None) -> tuple[Readback, int]:
+    """The [len(items), 4] float64 summed log-likelihoods on their way to the host, and the
+    tokens run. Nothing here waits for the device."""
     ib = item_batch(items, pad_to)
     rows, targets, slot = (to_device(x, device) for x in (ib.rows, ib.targets, ib.slot))
     lp = model.target_logprobs(ib.batch.to(device), rows, targets)
     out = torch.zeros(4 * len(items), dtype=torch.float64, device=device)
-    return out.index_add_(0, slot, lp.double()).view(-1, 4), ib.tokens
+    return Readback(out.index_add_(0, slot, lp.double()).view(-1, 4)), ib.tokens
+
+
+class Readback:
+    """A device result copied to the host as soon as its own work is done.
+
+    `.cpu()` later would be queued behind everything enqueued since, so reading batch k while
+    batch k+1 runs would wait for k+1 as well and leave the GPU idle while the host builds k+2.
+    """
+
+    def __init__(self, t: torch.Tensor):
+        if t.device.type == "cuda":
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.done: torch.cuda.Event | None = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.host, self.done = t, None
+
+    def get(self) -> torch.Tensor:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host
 
 
 def _append(path: Path, records: list[dict]) -> None:
@@ -110,9 +133,9 @@ def score_items(ctx: Context, model: Model, items: list[Item], settings: Setting
     done_tokens = 0
     t1 = time.perf_counter()
 
-    def collect(its: list[Item], lls: torch.Tensor, tokens: int) -> None:
+    def collect(its: list[Item], lls: Readback, tokens: int) -> None:
         nonlocal done_tokens
-        rows = lls.cpu().tolist()                       # waits for this batch only
+        rows = lls.get().tolist()                       # waits for this batch only
         recs = [sample_record(it, r) for it, r in zip(its, rows)]
         for it, r in zip(its, rows):
             results[it.doc_id] = r

@@ -67,11 +67,12 @@ class FlexAttention:
     """FlexAttention over the packed row with a block-sparse mask (no padding, no copies).
 
     For sm80+ GPUs; the kernel is compiled once per batch shape, so pad batches to one length.
+    `block` is the mask's (query, key) tile: blocks with no visible pair are skipped.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, block: tuple[int, int] = (128, 128)) -> None:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        self._create = create_block_mask
+        self._create, self.block = create_block_mask, block
         self._flex = torch.compile(flex_attention, dynamic=False)
 
     def prepare(self, b: Batch) -> Any:
@@ -80,7 +81,7 @@ class FlexAttention:
         def visible(_b: Any, _h: Any, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
             return (ki <= qi) & (qi < end[ki])
         n = end.numel()
-        return self._create(visible, None, None, n, n, device=end.device, _compile=True)
+        return self._create(visible, None, None, n, n, device=end.device, BLOCK_SIZE=self.block, _compile=True)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any) -> torch.Tensor:
         N, H, hd = q.shape

@@ -115,15 +115,20 @@ def part_ceiling(c: ModelConfig, n: int, report: dict) -> None:
                          "square_8192_bf16_tflops": 2 * 8192 ** 3 / ms_sq_bf16 / 1e9,
                          "by_tokens": sweep}
     del a
-    # One whole layer per backend, on a real packed batch of n tokens.
+    time_layers(n, report, (("flex+compile", FlexAttention(), True), ("no attention+compile", NoAttention(), True),
+                            ("flex, eager", FlexAttention(), False), ("blocks (sm70 path)", BlockAttention(), False)))
+
+
+def time_layers(n: int, report: dict, variants) -> None:
+    """One whole 30B layer per (label, attention, compile), on a real packed batch of n tokens."""
+    ms = report.get("ceiling", {}).get("layer_gemm_ms") or bench_ms(layer_gemms(LLAMA_30B, n))
     lay = RankLayout(LLAMA_30B, 1, 0)
     one = LLAMA_30B.__class__(**{**LLAMA_30B.to_dict(), "n_layers": 1})
     wts = random_weights(one)
     items = report["_items"]
     from llamafuse.runtime.evaluate import item_batch, pack
     first = [items[i] for i in pack(items, n)[len(items) // 200]]
-    for label, attn, compile in (("flex+compile", FlexAttention(), True), ("no attention+compile", NoAttention(), True),
-                                 ("flex, eager", FlexAttention(), False), ("blocks (sm70 path)", BlockAttention(), False)):
+    for label, attn, compile in variants:
         model = Model(one, lay, wts, None, attn, compile)
         b = item_batch(first, n if isinstance(attn, (FlexAttention, NoAttention)) else None).batch.to(DEV)
         h = wts[names.EMBED][b.tokens]
@@ -429,6 +434,10 @@ def main() -> None:
         save()
     if "small" in parts:
         part_small_models(args, report)
+        save()
+    if "flexblocks" in parts:   # FlexAttention mask tiles (query, key): finer key tiles skip more
+        time_layers(args.batch_tokens, report, [(f"flex {q}x{k}+compile", FlexAttention((q, k)), True)
+                                                for q, k in ((128, 128), (128, 64))])
         save()
     print_table(report)
 
