@@ -70,7 +70,7 @@ class FlexAttention:
     `block` is the mask's (query, key) tile: blocks with no visible pair are skipped.
     """
 
-    def __init__(self, block: tuple[int, int] = (128, 128)) -> None:
+    def __init__(self, block: tuple[int, int] = (128, 64)) -> None:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         self._create, self.block = create_block_mask, block
         self._flex = torch.compile(flex_attention, dynamic=False)
