@@ -1,6 +1,10 @@
 """Draw docs/performance.png from a bench.json written by scripts/bench_hellaswag.py.
 
-    python3 scripts/plot_performance.py docs/bench/h200-run1.json docs/performance.png
+    python3 scripts/plot_performance.py BENCH.json OUT.png [EVAL.json]
+
+EVAL.json, if given, is a later run whose eval part replaces BENCH's (e.g. the final code's run):
+    python3 scripts/plot_performance.py docs/bench/h200-run5-all-parts.json docs/performance.png \
+        docs/bench/h200-run7-final.json
 
 Needs matplotlib (not a llamafuse dependency: `pip install matplotlib`).
 """
@@ -11,7 +15,7 @@ import sys
 from pathlib import Path
 
 
-def main(bench: Path, out: Path) -> None:
+def main(bench: Path, out: Path, final: Path | None = None) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -19,8 +23,10 @@ def main(bench: Path, out: Path) -> None:
     except ImportError:
         sys.exit("plot_performance: needs matplotlib (pip install matplotlib)")
     r = json.loads(bench.read_text())
-    e = r["eval"]
-    bars = [("floor at 690 TFLOP/s", e["flops"] / 690e12), ("floor at measured ceiling", e["floor_s"]),
+    e = json.loads(final.read_text())["eval"] if final else r["eval"]
+    ceiling = r["ceiling"]["tflops"] * 1e12
+    bars = [("brief's floor: shared contexts, 690 TFLOP/s", e["shared_context_flops"] / 690e12),
+            ("work done / measured GEMM ceiling", e["flops"] / ceiling),
             ("llamafuse", e["seconds"]), ("HF transformers, batch 64", r["hf"]["batch64"]["extrapolated_s"]),
             ("HF transformers, batch 1", r["hf"]["batch1"]["extrapolated_s"])]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 2]})
@@ -44,6 +50,6 @@ def main(bench: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4):
         sys.exit(__doc__)
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) == 4 else None)
