@@ -15,7 +15,7 @@ from llamafuse.runtime import hellaswag
 from llamafuse.runtime.evaluate import item_batch, pack, sequences
 from llamafuse.runtime.load import fast_path, load_rank
 from llamafuse.runtime.model import BlockAttention, FlexAttention, Model
-from llamafuse.runtime.packing import make_batch, prefix_forest
+from llamafuse.runtime.packing import make_batch, pack_groups, prefix_forest
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,21 @@ def test_block_attention_mask_is_the_forest_rule(block):
             if q < n:
                 seen[q] |= {int(keys[c, j]) for j in range(keys.shape[1]) if mask[c, 0, i, j]}
     assert seen == [{k for k in range(n) if k <= q < end[k]} for q in range(n)]
+
+
+@pytest.mark.parametrize("budget", [1, 8, 20, 64])
+def test_pack_groups_fits_the_budget_and_keeps_groups_whole(budget):
+    """Random groups with shared and interleaving starts: each group lands in one batch once,
+    and a batch's real forest never exceeds the budget unless it holds a single group."""
+    rng = random.Random(budget)
+    groups = [shared_sequences(rng, rng.randint(1, 4))[:rng.randint(1, 4)] for _ in range(40)]
+    batches = pack_groups(groups, budget)
+    assert sorted(g for b in batches for g in b) == list(range(len(groups)))
+    for b in batches:
+        size = len(prefix_forest([s for g in b for s in groups[g]]))
+        assert size <= budget or len(b) == 1
+    if budget == 64:
+        assert len(batches) < len(groups)
 
 
 def test_pack_places_every_item_once_within_budget_sharing_prefixes(stories):
