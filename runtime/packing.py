@@ -109,13 +109,14 @@ def pack_groups(groups: Sequence[Sequence[Sequence[int]]], budget: int, misses: 
     one before) tokens; groups whose sequences interleave are over-counted, never under.
     A group larger than the budget gets a batch of its own.
     """
-    seqs = [[np.asarray(s, dtype=np.int64) for s in sorted(g)] for g in groups]
-    todo = sorted(range(len(groups)), key=lambda g: sorted(groups[g]))
+    ordered = [sorted(map(list, g)) for g in groups]
+    seqs = [[np.asarray(s, dtype=np.int64) for s in g] for g in ordered]
+    todo = sorted(range(len(groups)), key=ordered.__getitem__)
     batches = []
     while todo:
         batch: list[int] = []
         left: list[int] = []
-        size, last, i = 0, seqs[todo[0]][0][:0], 0
+        size, last, i = 0, np.zeros(0, dtype=np.int64), 0
         while i < len(todo) and len(left) < misses:
             g, i = todo[i], i + 1
             ss = seqs[g]
