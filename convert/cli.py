@@ -8,22 +8,24 @@ from pathlib import Path
 import click
 
 from llamafuse.formats import LlamafuseError
-from llamafuse.formats.manifest import DTYPES
+from llamafuse.formats.manifest import WEIGHT_DTYPES
 
 from .sources import open_source
-from .write import convert
+from .write import convert, size_text
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--tp", default=1, show_default=True, help="Tensor-parallel ranks to write (must divide the heads).")
-@click.option("--dtype", "dtype", default="float16", show_default=True, type=click.Choice(list(DTYPES)),
+@click.option("--tp", default=1, show_default=True,
+              help="Tensor-parallel ranks to write: must divide the heads, the ffn width and the vocabulary, "
+                   "and divide or be a multiple of the key/value heads.")
+@click.option("--dtype", "dtype", default="float16", show_default=True, type=click.Choice(list(WEIGHT_DTYPES)),
               help="Weight dtype on disk (rotary tables are always float32).")
 @click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
               help="Positions covered by the rotary tables [default: from the checkpoint, else 2048].")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
-              help="SentencePiece tokenizer.model [default: found beside the checkpoint].")
+              help="tokenizer.model (SentencePiece) or tokenizer.json (HF) [default: found beside the checkpoint].")
 @click.option("--force", is_flag=True, help="Write into a non-empty OUT (only our own files are replaced).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def main(src: Path, out: Path, tp: int, dtype: str, max_seq_len: int | None, tokenizer: Path | None,
@@ -49,6 +51,6 @@ def main(src: Path, out: Path, tp: int, dtype: str, max_seq_len: int | None, tok
     click.echo(f"{source.layout} checkpoint {src}: {c.n_layers} layers, dim {c.dim}, {c.n_heads} heads "
                f"({c.n_kv_heads} kv), ffn {c.ffn_dim}, vocab {c.vocab_size} -> tp={tp} {dtype}")
     for name, n in summary.files:
-        click.echo(f"  {name:32s} {n / 1e6:12.2f} MB")
-    click.echo(f"wrote {len(summary.files)} files, {total / 1e9:.3f} GB to {summary.out} "
-               f"in {summary.seconds:.1f} s ({total / 1e9 / max(summary.seconds, 1e-9):.2f} GB/s)")
+        click.echo(f"  {name:32s} {size_text(n):>10s}")
+    click.echo(f"wrote {len(summary.files)} files, {size_text(total)} to {summary.out} "
+               f"in {summary.seconds:.1f} s ({size_text(int(total / max(summary.seconds, 1e-9)))}/s)")

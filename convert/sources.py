@@ -17,6 +17,9 @@ import torch
 
 from llamafuse.formats import LlamafuseError, ModelConfig
 from llamafuse.formats.tensorfile import MappedFile
+from llamafuse.formats.tokenizer import HF_JSON, SENTENCEPIECE, TokenizerFile
+
+from .tokenizer_files import find_tokenizer
 
 LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "attn_norm", "ffn_norm")
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -28,10 +31,15 @@ class Source:
     rotary: str
     config: ModelConfig
     path: Path
-    tokenizer: Path | None
+    tokenizer_folders: tuple[Path, ...] = ()  # where to look for a tokenizer file, in order
+    tokenizer_prefer = SENTENCEPIECE          # which file name wins where both are present
 
     def tensor(self, name: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def tokenizer_file(self, override: Path | None = None) -> TokenizerFile | None:
+        """The checkpoint's tokenizer (or `override`), with its BOS rule."""
+        return find_tokenizer(list(self.tokenizer_folders), override, self.tokenizer_prefer)
 
 
 def logical_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -57,7 +65,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     return d
 
 
-def _field(d: dict[str, Any], key: str, path: Path, kind: type = int, default: Any = ...) -> Any:
+def _field(d: dict[str, Any], key: str, path: Path, kind: type = int, default: Any = ...,
+           positive: bool = True) -> Any:
+    """d[key] checked to be a `kind` (and > 0 unless not `positive`); `default` if absent."""
     v = d.get(key, default)
     if v is ...:
         raise LlamafuseError(f"{path}: missing field '{key}'")
@@ -67,6 +77,8 @@ def _field(d: dict[str, Any], key: str, path: Path, kind: type = int, default: A
         v = float(v)
     if not isinstance(v, kind) or isinstance(v, bool):
         raise LlamafuseError(f"{path}: field '{key}' should be {kind.__name__}, got {v!r}")
+    if positive and v <= 0:
+        raise LlamafuseError(f"{path}: field '{key}' must be positive, got {v!r}")
     return v
 
 
@@ -93,13 +105,6 @@ def _is_legacy_pth(path: Path) -> bool:
     """torch.save(..., _use_new_zipfile_serialization=False): a pickled magic number first."""
     with open(path, "rb") as f:
         return f.read(4) == b"\x80\x02\x8a\x0a" and not zipfile.is_zipfile(path)
-
-
-def _find_tokenizer(*folders: Path) -> Path | None:
-    for f in folders:
-        if (f / "tokenizer.model").is_file():
-            return f / "tokenizer.model"
-    return None
 
 
 def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...], where: Path) -> torch.Tensor:
@@ -140,7 +145,7 @@ class MetaSource(Source):
         n_kv = _field(p, "n_kv_heads", params_path, int, None) or n_heads
         if dim % n_heads:
             raise LlamafuseError(f"{params_path}: dim {dim} is not a multiple of n_heads {n_heads}")
-        vocab = _field(p, "vocab_size", params_path, int, -1)
+        vocab = _field(p, "vocab_size", params_path, int, -1, positive=False)
         emb = self.shards[0].get("tok_embeddings.weight")
         if emb is None:
             raise LlamafuseError(f"{files[0]}: tensor 'tok_embeddings.weight' not found")
@@ -160,7 +165,7 @@ class MetaSource(Source):
                 max_seq_len=max_seq_len or _field(p, "max_seq_len", params_path, int, DEFAULT_MAX_SEQ_LEN))
         except LlamafuseError as e:
             raise LlamafuseError(f"{params_path}: {e}") from None
-        self.tokenizer = _find_tokenizer(path, path.parent)
+        self.tokenizer_folders = (path, path.parent)
         self._check_config()
 
     def _check_shards(self) -> None:
@@ -208,6 +213,7 @@ class MetaSource(Source):
 class HFSource(Source):
     """Hugging Face layout: `config.json` + safetensors or .bin weights (single or indexed)."""
     layout, rotary = "hf", "rotate-half"
+    tokenizer_prefer = HF_JSON  # what lm-eval's HF backend (a fast tokenizer) uses
     _LAYER = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
               "wo": "self_attn.o_proj", "w1": "mlp.gate_proj", "w2": "mlp.down_proj",
               "w3": "mlp.up_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
@@ -239,7 +245,7 @@ class HFSource(Source):
         self._where: dict[str, Path] = {}
         self._open: dict[Path, MappedFile | _TensorDict] = {}
         self._index_files()
-        self.tokenizer = _find_tokenizer(path)
+        self.tokenizer_folders = (path,)
         self._shapes = logical_shapes(self.config)
         for name in self._shapes:
             if self._hf_name(name) not in self._where:
@@ -252,6 +258,9 @@ class HFSource(Source):
                 wm = _read_json(p / index).get("weight_map")
                 if not isinstance(wm, dict):
                     raise LlamafuseError(f"{p / index}: missing 'weight_map'")
+                for v in wm.values():
+                    if not isinstance(v, str) or Path(v).name != v:
+                        raise LlamafuseError(f"{p / index}: weight_map names {v!r}, not a file in the checkpoint folder")
                 self._where = {k: p / v for k, v in wm.items()}
                 for f in set(self._where.values()):
                     if not f.is_file():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import math
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -15,16 +16,15 @@ from typing import Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from llamafuse.formats import FORMAT_NAME, LlamafuseError, Manifest, RankFile, RankLayout, check_tp, load_manifest
+from llamafuse.formats import LlamafuseError, Manifest, RankFile, RankLayout, check_tp
 from llamafuse.formats.layout import rank_tensor_specs
-from llamafuse.formats.manifest import DTYPES, MANIFEST, rank_file_name
-from llamafuse.formats.tensorfile import fsync, pad_to, plan_header, write_tensor
-from llamafuse.formats.tokenizer import load_tokenizer
+from llamafuse.formats.manifest import MANIFEST, WEIGHT_DTYPES, TokenizerRecord, rank_file_name, rank_metadata
+from llamafuse.formats.tensorfile import fsync, plan_header, write_tensor
+from llamafuse.formats.tokenizer import TokenizerFile, make_tokenizer
 
 from .plan import head_tensors, layer_tensors, rope_tables, tail_tensors
 from .sources import Source
 
-TOKENIZER = "tokenizer.model"
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,9 @@ def _cached(src: Source, prefix: str) -> Callable[[str], torch.Tensor]:
 def _write_shards(src: Source, tmp: Path, tp: int, dtype: torch.dtype, progress: bool) -> list[RankFile]:
     specs = rank_tensor_specs(src.config, tp)
     entries = [(n, torch.float32 if rope else dtype, shape) for n, shape, rope in specs]
-    header, offsets = plan_header(entries, {"format": FORMAT_NAME, "tp": str(tp)})
-    size = offsets[-1] + entries[-1][1].itemsize * math.prod(entries[-1][2])
+    header, offsets = plan_header(entries, rank_metadata(tp))
     payload = sum(d.itemsize * math.prod(s) for _, d, s in entries)
+    size = offsets[0] + payload
     files = [open(tmp / rank_file_name(r, tp), "wb") for r in range(tp)]
     hashes = [hashlib.sha256() for _ in range(tp)]
     bar = tqdm(total=payload * tp, unit="B", unit_scale=True, unit_divisor=1024, desc="writing",
@@ -88,7 +88,8 @@ def _write_shards(src: Source, tmp: Path, tp: int, dtype: torch.dtype, progress:
                     t = group[r][name]
                     if name != ename or t.dtype != edtype or tuple(t.shape) != eshape:
                         raise RuntimeError(f"plan mismatch at {name}: {t.dtype} {tuple(t.shape)} vs {ename} {edtype} {eshape}")
-                    h.update(pad_to(f, offsets[k]))
+                    if f.tell() != offsets[k]:
+                        raise RuntimeError(f"writer at byte {f.tell()}, {name} planned at {offsets[k]}")
                     h.update(write_tensor(f, t))
                     bar.update(t.numel() * t.element_size())
                 k += 1
@@ -104,7 +105,12 @@ def _write_shards(src: Source, tmp: Path, tp: int, dtype: torch.dtype, progress:
 
 def planned_bytes(src: Source, tp: int, dtype: torch.dtype) -> int:
     specs = rank_tensor_specs(src.config, tp)
-    return tp * sum(math.prod(s) * (4 if rope else dtype.itemsize) + 64 for _, s, rope in specs)
+    return tp * (sum(math.prod(s) * (4 if rope else dtype.itemsize) for _, s, rope in specs) + (1 << 20))
+
+
+def size_text(n: int) -> str:
+    """Bytes in a unit that shows the number: 931B, 2.46MB, 65.2GB."""
+    return tqdm.format_sizeof(n, suffix="B", divisor=1000)
 
 
 def convert(src: Source, out: Path, tp: int, dtype_name: str, force: bool = False,
@@ -112,41 +118,47 @@ def convert(src: Source, out: Path, tp: int, dtype_name: str, force: bool = Fals
     """Convert `src` into `out`. Nothing appears in `out` until every file is complete."""
     t0 = time.perf_counter()
     out = Path(out)
-    if dtype_name not in DTYPES:
-        raise LlamafuseError(f"--dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
-    dtype = DTYPES[dtype_name]
+    if dtype_name not in WEIGHT_DTYPES:
+        raise LlamafuseError(f"--dtype {dtype_name!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+    dtype = WEIGHT_DTYPES[dtype_name]
     check_tp(src.config, tp)
     check_destination(out, src.path, force)
-    tok = tokenizer or src.tokenizer
+    tok = src.tokenizer_file(tokenizer)
     if tok is None:
-        raise LlamafuseError(f"{src.path}: no tokenizer.model found beside the checkpoint (pass --tokenizer)")
-    load_tokenizer(Path(tok), src.config.vocab_size)
+        raise LlamafuseError(f"{src.path}: no tokenizer.model or tokenizer.json found beside the checkpoint (pass --tokenizer)")
+    make_tokenizer(tok.name, tok.data, src.config.vocab_size, tok.origin)
     out.parent.mkdir(parents=True, exist_ok=True)
     need, free = planned_bytes(src, tp, dtype), shutil.disk_usage(out.parent).free
     if need > free:
-        raise LlamafuseError(f"{out.parent}: not enough disk space ({need / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free)")
+        raise LlamafuseError(f"{out.parent}: not enough disk space ({size_text(need)} needed, {size_text(free)} free)")
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as e:
         raise LlamafuseError(f"{out.parent}: cannot create a temporary folder ({e.strerror or e})") from None
     try:
         ranks = _write_shards(src, tmp, tp, dtype, progress)
-        shutil.copyfile(tok, tmp / TOKENIZER)
-        manifest = Manifest(src.config, dtype_name, tp, tuple(ranks), TOKENIZER,
+        manifest = Manifest(src.config, dtype_name, tp, tuple(ranks), _write_tokenizer(tok, tmp),
                             {"layout": src.layout, "path": str(src.path.resolve())})
         (tmp / MANIFEST).write_text(manifest.to_json())
         _publish(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
-            raise LlamafuseError(f"{out}: disk full while writing ({need / 1e9:.1f} GB needed)") from None
+            raise LlamafuseError(f"{out}: disk full while writing ({size_text(need)} needed)") from None
         raise LlamafuseError(f"{out}: write failed ({e.strerror or e})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    files = [(r.file, r.bytes) for r in ranks] + [(TOKENIZER, (out / TOKENIZER).stat().st_size),
-                                                   (MANIFEST, (out / MANIFEST).stat().st_size)]
+    files = [(name, n) for name, n, _ in manifest.files()] + [(MANIFEST, (out / MANIFEST).stat().st_size)]
     return Summary(out, files, time.perf_counter() - t0)
+
+
+def _write_tokenizer(tok: TokenizerFile, folder: Path) -> TokenizerRecord:
+    with open(folder / tok.name, "wb") as f:
+        f.write(tok.data)
+        fsync(f)
+    return TokenizerRecord(tok.name, tok.add_bos, tok.bos_id, tok.eos_id, len(tok.data),
+                           hashlib.sha256(tok.data).hexdigest())
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -156,13 +168,21 @@ def _publish(tmp: Path, out: Path) -> None:
             out.rmdir()
         os.replace(tmp, out)
         return
-    try:  # rank files of an earlier conversion (another tp, say) are ours to replace
-        stale = [out / r.file for r in load_manifest(out).ranks]
-    except LlamafuseError:
-        stale = []
+    stale = [out / name for name in _listed_files(out)]
     (out / MANIFEST).unlink(missing_ok=True)  # a stale manifest must not describe new shards
     for f in stale:
         f.unlink(missing_ok=True)
     for f in sorted(tmp.iterdir(), key=lambda p: p.name == MANIFEST):
         os.replace(f, out / f.name)
     tmp.rmdir()
+
+
+def _listed_files(out: Path) -> list[str]:
+    """Files an earlier conversion's manifest (of any version) lists in `out`: ours to replace."""
+    try:
+        d = json.loads((out / MANIFEST).read_text())
+        tok = d.get("tokenizer")
+        names = [r["file"] for r in d["ranks"]] + [tok.get("file") if isinstance(tok, dict) else tok]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    return [n for n in names if isinstance(n, str) and Path(n).name == n and n != MANIFEST]

@@ -12,11 +12,12 @@ import torch
 from .config import ModelConfig
 from .errors import LlamafuseError
 from .layout import check_tp
+from .tokenizer import TOKENIZER_FILES
 
 FORMAT_NAME = "llamafuse-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+WEIGHT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ROTARY = "rotate-half"  # the only on-disk rotary convention: pairs (i, i + head_dim/2)
 
 
@@ -29,23 +30,38 @@ class RankFile:
 
 
 @dataclass(frozen=True)
+class TokenizerRecord:
+    file: str              # "tokenizer.model" (SentencePiece) or "tokenizer.json" (HF tokenizers)
+    add_bos: bool          # the tokenizer's own rule: BOS first when encoding (lm-eval's HF backend does)
+    bos_id: int | None
+    eos_id: int | None
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     config: ModelConfig
-    dtype: str                      # key of DTYPES
+    dtype: str                      # key of WEIGHT_DTYPES
     tp: int
     ranks: tuple[RankFile, ...]
-    tokenizer: str | None           # file name of the SentencePiece model, if copied
+    tokenizer: TokenizerRecord
     source: dict[str, str] = field(default_factory=dict)  # {"layout": "meta"|"hf", "path": ...}
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return WEIGHT_DTYPES[self.dtype]
+
+    def files(self) -> list[tuple[str, int, str]]:
+        """(file name, bytes, sha256) of every file the manifest vouches for."""
+        t = self.tokenizer
+        return [(r.file, r.bytes, r.sha256) for r in self.ranks] + [(t.file, t.bytes, t.sha256)]
 
     def to_json(self) -> str:
         d = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "config": self.config.to_dict(),
             "dtype": self.dtype, "rotary": ROTARY, "tp": self.tp,
-            "ranks": [vars(r) for r in self.ranks], "tokenizer": self.tokenizer, "source": self.source,
+            "ranks": [vars(r) for r in self.ranks], "tokenizer": vars(self.tokenizer), "source": self.source,
         }
         return json.dumps(d, indent=2) + "\n"
 
@@ -54,11 +70,18 @@ def rank_file_name(rank: int, tp: int) -> str:
     return f"rank-{rank:02d}-of-{tp:02d}.safetensors"
 
 
-def _get(d: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+def rank_metadata(tp: int) -> dict[str, str]:
+    """The safetensors `__metadata__` of every rank file."""
+    return {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "tp": str(tp)}
+
+
+def _get(d: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, optional: bool = False) -> Any:
     if key not in d:
         raise LlamafuseError(f"{where}: missing field '{key}'")
     v = d[key]
-    if not isinstance(v, kind) or isinstance(v, bool):
+    if optional and v is None:
+        return None
+    if not isinstance(v, kind) or isinstance(v, bool) is not (kind is bool):
         raise LlamafuseError(f"{where}: field '{key}' has the wrong type ({type(v).__name__})")
     return v
 
@@ -79,13 +102,14 @@ def load_manifest(folder: Path) -> Manifest:
         raise LlamafuseError(f"{where}: not a {FORMAT_NAME} manifest")
     version = d.get("version")
     if version != FORMAT_VERSION:
-        raise LlamafuseError(f"{where}: format version {version!r} is not supported (this llamafuse reads {FORMAT_VERSION})")
+        hint = "; convert the checkpoint again with this llama-convert" if version == 1 else ""
+        raise LlamafuseError(f"{where}: format version {version!r} is not supported (this llamafuse reads {FORMAT_VERSION}){hint}")
     if d.get("rotary") != ROTARY:
         raise LlamafuseError(f"{where}: rotary convention {d.get('rotary')!r} is not supported")
     config = ModelConfig.from_dict(_get(d, "config", dict, where), f"{where}: config")
     dtype = _get(d, "dtype", str, where)
-    if dtype not in DTYPES:
-        raise LlamafuseError(f"{where}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype not in WEIGHT_DTYPES:
+        raise LlamafuseError(f"{where}: dtype {dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
     tp = _get(d, "tp", int, where)
     try:
         check_tp(config, tp)
@@ -103,9 +127,15 @@ def load_manifest(folder: Path) -> Manifest:
         ranks.append(rf)
     if len(ranks) != tp:
         raise LlamafuseError(f"{where}: tp is {tp} but {len(ranks)} rank files are listed")
-    tok = d.get("tokenizer")
-    if tok is not None and (not isinstance(tok, str) or Path(tok).name != tok):
-        raise LlamafuseError(f"{where}: bad tokenizer file name {tok!r}")
+    w = f"{where}: tokenizer"
+    t = _get(d, "tokenizer", dict, where)
+    tok = TokenizerRecord(_get(t, "file", str, w), _get(t, "add_bos", bool, w), _get(t, "bos_id", int, w, True),
+                          _get(t, "eos_id", int, w, True), _get(t, "bytes", int, w), _get(t, "sha256", str, w))
+    if tok.file not in TOKENIZER_FILES:
+        raise LlamafuseError(f"{w}: file must be one of {', '.join(TOKENIZER_FILES)}, got {tok.file!r}")
+    for name, tid in (("bos_id", tok.bos_id), ("eos_id", tok.eos_id)):
+        if tid is not None and not 0 <= tid < config.vocab_size:
+            raise LlamafuseError(f"{w}: {name} {tid} is outside the vocabulary")
     source = d.get("source", {})
     if not isinstance(source, dict):
         raise LlamafuseError(f"{where}: field 'source' must be an object")

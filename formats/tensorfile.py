@@ -1,9 +1,10 @@
-"""Safetensors files: a validating header reader, zero-copy mmap views, a streaming writer.
+"""Safetensors files: a validating header reader, zero-copy mmap views, header planning.
 
 The file is `u64 little-endian header length | JSON header | tensor bytes`. The header maps each
 name to {dtype, shape, data_offsets: [begin, end]} relative to the start of the tensor bytes, plus
-an optional "__metadata__" object of strings. Headers are untrusted input: every offset is checked
-against the file size, the shape and the dtype, and tensors may not overlap.
+an optional "__metadata__" object of strings. Tensor bytes are contiguous: no gaps, no overlaps,
+together exactly the rest of the file. The header may end in spaces, which llamafuse uses to start
+the tensor bytes on a 64-byte boundary. Headers are untrusted input: everything is checked.
 """
 from __future__ import annotations
 
@@ -19,14 +20,14 @@ import torch
 
 from .errors import LlamafuseError
 
-DTYPES: dict[str, torch.dtype] = {
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+    "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
-ALIGN = 64  # tensor data starts 64-byte aligned, so mmap views are aligned for any dtype
+DATA_ALIGN = 64  # the header is padded so that the tensor bytes start on this boundary
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate the header of `path`; returns (tensors by name, metadata)."""
+    """Parse and validate the header of `path`; returns (tensors in file order, metadata)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -66,17 +67,17 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise LlamafuseError(f"{path}: __metadata__ must map names to strings")
     data_start, data_size = 8 + n, size - 8 - n
-    infos: dict[str, TensorInfo] = {}
+    infos: list[TensorInfo] = []
     for name, entry in header.items():
         where = f"{path}: tensor '{name}'"
-        if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
+        if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_DTYPES:
             raise LlamafuseError(f"{where}: missing or unknown dtype")
         shape, offs = entry.get("shape"), entry.get("data_offsets")
         if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
             raise LlamafuseError(f"{where}: bad shape {shape!r}")
         if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
             raise LlamafuseError(f"{where}: bad data_offsets {offs!r}")
-        dtype = DTYPES[entry["dtype"]]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
         numel = 1
         for s in shape:
             numel *= s
@@ -85,12 +86,17 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise LlamafuseError(f"{where}: data_offsets {offs} do not match shape {shape} and dtype {entry['dtype']}")
         if end > data_size:
             raise LlamafuseError(f"{where}: data ends at byte {data_start + end} but the file has {size} bytes (truncated?)")
-        infos[name] = TensorInfo(name, dtype, tuple(shape), data_start + b, data_start + end)
-    spans = sorted((t.begin, t.end, t.name) for t in infos.values() if t.end > t.begin)
-    for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise LlamafuseError(f"{path}: tensors '{n0}' and '{n1}' overlap")
-    return infos, meta
+        infos.append(TensorInfo(name, dtype, tuple(shape), data_start + b, data_start + end))
+    infos.sort(key=lambda t: (t.begin, t.end))
+    pos = data_start
+    for t in infos:
+        if t.begin != pos:
+            what = "overlaps the tensor before it" if t.begin < pos else f"leaves a gap of {t.begin - pos} bytes before it"
+            raise LlamafuseError(f"{path}: tensor '{t.name}' {what} (safetensors data must be contiguous)")
+        pos = t.end
+    if pos != size:
+        raise LlamafuseError(f"{path}: {size - pos} bytes after the last tensor (safetensors data must be contiguous)")
+    return {t.name: t for t in infos}, meta
 
 
 class MappedFile:
@@ -119,21 +125,24 @@ class MappedFile:
 
 def plan_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
                 metadata: dict[str, str] | None = None) -> tuple[bytes, list[int]]:
-    """Header bytes (length prefix included) and each tensor's absolute offset, in entry order."""
+    """Header bytes (length prefix included) and each tensor's absolute offset, in entry order.
+
+    Tensors are laid out back to back in entry order; the header is padded with spaces so the
+    first one starts on a DATA_ALIGN boundary.
+    """
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = metadata
     offsets, pos = [], 0
     for name, dtype, shape in entries:
-        pos = -(-pos // ALIGN) * ALIGN
         n = dtype.itemsize
         for s in shape:
             n *= s
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
+        header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
         offsets.append(pos)
         pos += n
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-(8 + len(blob)) % ALIGN)
+    blob += b" " * (-(8 + len(blob)) % DATA_ALIGN)
     start = 8 + len(blob)
     return struct.pack("<Q", len(blob)) + blob, [start + o for o in offsets]
 
@@ -144,16 +153,6 @@ def write_tensor(f: BinaryIO, t: torch.Tensor) -> memoryview:
     data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
     f.write(data)
     return data
-
-
-def pad_to(f: BinaryIO, offset: int) -> bytes:
-    """Zero-fill `f` from its current position up to `offset`; returns the padding written."""
-    gap = offset - f.tell()
-    if gap < 0:
-        raise RuntimeError(f"writer is past offset {offset}")
-    pad = b"\0" * gap
-    f.write(pad)
-    return pad
 
 
 def fsync(f: BinaryIO) -> None:

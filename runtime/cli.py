@@ -1,25 +1,29 @@
-"""`llama-run`: evaluate, dump logits, validate and verify a converted folder."""
+"""`llama-run`: evaluate, dump logits, validate and verify a converted model folder."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
+import tempfile
+from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
 from typing import Any, Callable
 
 import click
-import sentencepiece as spm
 import torch
 from tqdm import tqdm
 
 from llamafuse.formats import LlamafuseError, Manifest, load_manifest
-from llamafuse.formats.manifest import sha256_file
-from llamafuse.formats.tokenizer import load_tokenizer
+from llamafuse.formats.manifest import MANIFEST, sha256_file
+from llamafuse.formats.tokenizer import Tokenizer, read_tokenizer
 
 from . import hellaswag
-from .evaluate import Settings, hellaswag_worker
-from .parallel import launch
+from .attention import ATTENTION_CHOICES
+from .evaluate import Group, RunResult, Settings, check_requests, score_worker
+from .parallel import launch, launched_rank
+from .samples import SampleWriter, SamplesFile
 from .validate import TOLERANCE, compare, logits_worker
 
 VALIDATION_TEXTS = (
@@ -47,6 +51,9 @@ def user_errors(f: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+# ---------------------------------------------------------------- shared checks
+
+
 def _device(name: str | None) -> str:
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,19 +75,38 @@ def _replicas(device: str, tp: int, replicas: int | None) -> int:
     return 1
 
 
-def _tokenizer(folder: Path, m: Manifest) -> spm.SentencePieceProcessor:
-    if m.tokenizer is None:
-        raise LlamafuseError(f"{folder}: the manifest names no tokenizer")
-    return load_tokenizer(folder / m.tokenizer, m.config.vocab_size)
+def _tokenizer(folder: Path, m: Manifest) -> Tokenizer:
+    """The model's tokenizer, checked against the manifest's size and checksum."""
+    path = folder / m.tokenizer.file
+    if path.is_file() and (path.stat().st_size != m.tokenizer.bytes or sha256_file(path) != m.tokenizer.sha256):
+        raise LlamafuseError(f"{path}: differs from the tokenizer the manifest records (size or sha256)")
+    return read_tokenizer(path, m.config.vocab_size)
 
 
-def _check_new(path: Path | None, force: bool) -> None:
+def _bos_id(m: Manifest, bos: bool | None) -> int | None:
+    """The BOS to put first: the tokenizer's own rule unless --bos/--no-bos says otherwise."""
+    if not (m.tokenizer.add_bos if bos is None else bos):
+        return None
+    if m.tokenizer.bos_id is None:
+        raise LlamafuseError(f"--bos: the model's tokenizer ({m.tokenizer.file}) has no BOS token")
+    return m.tokenizer.bos_id
+
+
+def _check_output(path: Path | None, force: bool, option: str, hint: str = "use --force to overwrite") -> None:
+    """`path` can be written (its folder exists and takes files) and is not overwritten by surprise."""
     if path is None:
         return
+    if path.is_dir():
+        raise LlamafuseError(f"{option} {path}: is a folder")
     if not path.parent.is_dir():
-        raise LlamafuseError(f"{path}: folder {path.parent} does not exist")
+        raise LlamafuseError(f"{option} {path}: folder {path.parent} does not exist")
     if path.exists() and not force:
-        raise LlamafuseError(f"{path}: exists (use --force to overwrite)")
+        raise LlamafuseError(f"{option} {path}: exists ({hint})")
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.check-"):
+            pass
+    except OSError as e:
+        raise LlamafuseError(f"{option} {path}: cannot write in {path.parent} ({e.strerror or e})") from None
 
 
 def _check_tokens(tokens: list[int], m: Manifest, where: str) -> None:
@@ -96,15 +122,19 @@ def _check_tokens(tokens: list[int], m: Manifest, where: str) -> None:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 device_opt = click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
                           help="Where to run [default: cuda if available].")
-bos_opt = click.option("--bos/--no-bos", default=True, show_default=True,
-                       help="Prepend BOS (harness >= 0.4.10 for LLaMA); --no-bos matches older published runs.")
-folder_arg = click.argument("out", type=click.Path(path_type=Path))
+bos_opt = click.option("--bos/--no-bos", default=None,
+                       help="Put BOS first, or not [default: the tokenizer's own rule, recorded in the manifest, "
+                            "as lm-evaluation-harness's HF backend encodes].")
+model_arg = click.argument("model", type=click.Path(path_type=Path))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -112,8 +142,25 @@ def main() -> None:
     """Run a llamafuse-converted LLaMA: HellaSwag, logits, validation, checksums."""
 
 
+# ---------------------------------------------------------------- hellaswag
+
+
+@dataclass(frozen=True)
+class HellaswagJob:
+    """A checked HellaSwag run, before anything is written."""
+    folder: Path
+    manifest: Manifest
+    device: str
+    replicas: int
+    items: list[hellaswag.Item]
+    groups: list[Group]       # what to score: one group of four requests per item
+    settings: Settings
+    data: str                 # --data as given, or the hub id
+    run: dict[str, Any]       # what defines the run, recorded in the samples file
+
+
 @main.command("hellaswag")
-@folder_arg
+@model_arg
 @click.option("--data", default=None, help=f"Local .jsonl/.jsonl.gz or a hub id [default: {hellaswag.HUB_ID}].")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N items.")
 @bos_opt
@@ -124,128 +171,143 @@ def main() -> None:
               help="Tokens per packed batch [default: 16384 on CUDA, 2048 on CPU].")
 @click.option("--replicas", type=click.IntRange(min=1), default=None,
               help="Data-parallel copies of the model [default: all GPUs / tp; 1 on CPU].")
-@click.option("--attention", type=click.Choice(["auto", "blocks", "flex"]), default="auto", show_default=True,
+@click.option("--attention", type=click.Choice(ATTENTION_CHOICES), default="auto", show_default=True,
               help="Attention kernel: flex (FlexAttention, sm80+) or blocks (SDPA with a mask: CPU, V100).")
 @click.option("--resume", is_flag=True, help="Keep the items already in --samples and score the rest.")
 @click.option("--force", is_flag=True, help="Overwrite existing --output/--samples files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results JSON instead of a table.")
 @user_errors
-def hellaswag_cmd(out: Path, data: str | None, limit: int | None, bos: bool, device: str | None,
+def hellaswag_cmd(model: Path, data: str | None, limit: int | None, bos: bool | None, device: str | None,
                   output: Path | None, samples: Path | None, batch_tokens: int | None, replicas: int | None,
                   attention: str, resume: bool, force: bool, as_json: bool) -> None:
     """Score the HellaSwag validation split (acc, acc_norm) exactly as lm-evaluation-harness."""
-    m = load_manifest(out)
+    _check_output(output, force, "--output")
+    if samples is not None:
+        _check_output(samples, force or resume, "--samples", "use --resume to continue it or --force to overwrite")
+        if output is not None and output.resolve() == samples.resolve():
+            raise LlamafuseError(f"--output and --samples are the same file ({output})")
+    elif resume:
+        raise LlamafuseError("--resume needs --samples (the file to continue)")
+    job = _hellaswag_job(model, data, limit, bos, device, batch_tokens, replicas, attention)
+    if samples is None or launched_rank() not in (None, 0):  # under torchrun, rank 0 keeps the samples
+        result, resumed = _hellaswag_run(job, samples, {}), 0
+    else:
+        with SamplesFile(samples, job.run, job.items, resume) as log:
+            result, resumed = _hellaswag_run(job, samples, log.done), len(log.done)
+    _hellaswag_report(job, result, resumed, output, as_json)
+
+
+def _hellaswag_job(model: Path, data: str | None, limit: int | None, bos: bool | None, device: str | None,
+                   batch_tokens: int | None, replicas: int | None, attention: str) -> HellaswagJob:
+    m = load_manifest(model)
     dev = _device(device)
     n_rep = _replicas(dev, m.tp, replicas)
-    sp = _tokenizer(out, m)
-    batch_tokens = batch_tokens or (16384 if dev == "cuda" else 2048)
-    _check_new(output, force)
-    if resume and samples is None:
-        raise LlamafuseError("--resume needs --samples (the file to continue)")
-    if samples is not None and not samples.parent.is_dir():
-        raise LlamafuseError(f"{samples}: folder {samples.parent} does not exist")
-    if samples is not None and samples.exists() and not resume:
-        if not force:
-            raise LlamafuseError(f"{samples}: exists (use --resume to continue it or --force to overwrite)")
-        samples.unlink(missing_ok=True)
-    items = hellaswag.build_items(hellaswag.load_docs(data, limit), sp, bos)
-    longest = max(len(it.context) + max(map(len, it.endings)) for it in items)
-    if longest > m.config.max_seq_len:
-        raise LlamafuseError(f"an item needs {longest} positions, the model's rotary tables cover {m.config.max_seq_len}")
-    done = _read_samples(samples, items) if resume and samples.exists() else {}
-    todo = [it for it in items if it.doc_id not in done]
-    run = {"lls": {}, "load_s": 0.0, "eval_s": 0.0, "first_batch_s": 0.0, "tokens": 0, "device": dev, "replicas": n_rep}
-    if todo:
-        run = launch(hellaswag_worker, m.tp, n_rep, dev, out, todo, Settings(batch_tokens, samples, attention))
-        if run is None:  # a non-zero rank under torchrun: rank 0 reports
-            return
-    lls = {**done, **run["lls"]}
-    metrics = hellaswag.score(items, [lls[it.doc_id] for it in items])
+    bos_id = _bos_id(m, bos)
+    items = hellaswag.build_items(hellaswag.load_docs(data, limit), _tokenizer(model, m), bos_id)
+    groups = [it.group() for it in items]
+    check_requests(groups, m.config.max_seq_len, "hellaswag doc")
+    settings = Settings(batch_tokens or (16384 if dev == "cuda" else 2048), attention, label="hellaswag")
+    data_id = data or hellaswag.HUB_ID
+    if Path(data_id).is_file():
+        data_id = f"{Path(data_id).name} sha256:{sha256_file(Path(data_id))}"
+    run = {"model": hashlib.sha256((model / MANIFEST).read_bytes()).hexdigest(), "bos": bos_id is not None,
+           "data": data_id, "limit": limit}
+    return HellaswagJob(model, m, dev, n_rep, items, groups, settings, data or hellaswag.HUB_ID, run)
+
+
+def _hellaswag_run(job: HellaswagJob, samples: Path | None, done: dict[int, list[float]]) -> tuple[RunResult, dict]:
+    """Score the items not in `done`; returns the run's result and every item's log-likelihoods."""
+    lls = dict(done)
+    result = RunResult({}, 0.0, 0.0, 0.0, 0, job.replicas, job.device)
+    if len(done) < len(job.items) or launched_rank() is not None:  # under torchrun all ranks take part
+        sink = SampleWriter(samples, {it.doc_id: it for it in job.items}) if samples else None
+        result = launch(score_worker, job.manifest.tp, job.replicas, job.device, job.folder, job.manifest,
+                        job.groups, job.settings, sink, frozenset(done))
+        if result is None:  # a non-zero rank under torchrun: rank 0 reports
+            sys.exit(0)
+        lls.update({k: [ll for ll, _ in s] for k, s in result.scores.items()})
+    return result, lls
+
+
+def _hellaswag_report(job: HellaswagJob, run: tuple[RunResult, dict], resumed: int, output: Path | None,
+                      as_json: bool) -> None:
+    r, lls = run
+    m = job.manifest
+    metrics = hellaswag.score(job.items, [lls[it.doc_id] for it in job.items])
     result = {
         "task": "hellaswag", **metrics,
-        "timing": {"load_s": round(run["load_s"], 3), "eval_s": round(run["eval_s"], 3),
-                   "first_batch_s": round(run["first_batch_s"], 3),
-                   "tokens": run["tokens"], "tokens_per_s": round(run["tokens"] / max(run["eval_s"], 1e-9), 1),
-                   "items": len(todo), "resumed_items": len(items) - len(todo)},
-        "settings": {"model": str(out), "dtype": m.dtype, "tp": m.tp, "replicas": run["replicas"], "device": dev,
-                     "bos": bos, "batch_tokens": batch_tokens, "attention": attention, "data": data or hellaswag.HUB_ID, "limit": limit},
+        "timing": {"load_s": round(r.load_s, 3), "eval_s": round(r.eval_s, 3), "first_batch_s": round(r.first_batch_s, 3),
+                   "tokens": r.tokens, "tokens_per_s": round(r.tokens / max(r.eval_s, 1e-9), 1),
+                   "items": len(job.items) - resumed, "resumed_items": resumed},
+        "settings": {"model": str(job.folder), "dtype": m.dtype, "tp": m.tp, "replicas": r.replicas,
+                     "device": job.device, "bos": job.run["bos"], "batch_tokens": job.settings.batch_tokens,
+                     "attention": job.settings.attention, "data": job.data, "limit": job.run["limit"]},
     }
-    if output:
-        _write_atomic(output, (json.dumps(result, indent=2) + "\n").encode())
     if as_json:
         click.echo(json.dumps(result, indent=2))
-        return
-    t = result["timing"]
-    click.echo(f"| task      |     n |   acc  | stderr | acc_norm | stderr |\n"
-               f"|-----------|------:|-------:|-------:|---------:|-------:|\n"
-               f"| hellaswag | {metrics['n']:5d} | {100 * metrics['acc']:6.2f} | {100 * metrics['acc_stderr']:6.2f} "
-               f"| {100 * metrics['acc_norm']:8.2f} | {100 * metrics['acc_norm_stderr']:6.2f} |")
-    click.echo(f"load {t['load_s']:.1f} s, eval {t['eval_s']:.1f} s, {t['tokens']:,} tokens "
-               f"({t['tokens_per_s']:,.0f} tok/s) on {dev} (tp {m.tp} x {run['replicas']} replica(s), {m.dtype})")
-
-
-def _read_samples(path: Path, items: list[hellaswag.Item]) -> dict[int, list[float]]:
-    """Finished items of an interrupted run; each record must match this data set's row.
-
-    A last line cut short by the interruption is dropped from the file, so appending resumes cleanly.
-    """
-    text = path.read_text()
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-        os.truncate(path, len(text.encode()))
-    done = {}
-    for i, line in enumerate(text.splitlines(), 1):
+    else:
+        t = result["timing"]
+        click.echo(f"| task      |     n |   acc  | stderr | acc_norm | stderr |\n"
+                   f"|-----------|------:|-------:|-------:|---------:|-------:|\n"
+                   f"| hellaswag | {metrics['n']:5d} | {100 * metrics['acc']:6.2f} | {100 * metrics['acc_stderr']:6.2f} "
+                   f"| {100 * metrics['acc_norm']:8.2f} | {100 * metrics['acc_norm_stderr']:6.2f} |")
+        click.echo(f"load {t['load_s']:.1f} s, eval {t['eval_s']:.1f} s, {t['tokens']:,} tokens "
+                   f"({t['tokens_per_s']:,.0f} tok/s) on {job.device} (tp {m.tp} x {r.replicas} replica(s), {m.dtype})")
+    if output:
         try:
-            r = json.loads(line)
-            doc, lls = int(r["doc_id"]), [float(x) for x in r["lls"]]
-        except (ValueError, KeyError, TypeError):
-            raise LlamafuseError(f"{path} line {i}: not a samples record (cannot resume from it)") from None
-        if not 0 <= doc < len(items) or len(lls) != 4 or (r.get("ind"), r.get("label")) != (items[doc].ind, items[doc].label):
-            raise LlamafuseError(f"{path} line {i}: doc_id {doc} does not match this data set (other --data or --limit?)")
-        done[doc] = lls
-    return done
+            _write_atomic(output, (json.dumps(result, indent=2) + "\n").encode())
+        except OSError as e:
+            raise LlamafuseError(f"--output {output}: could not be written ({e.strerror or e}); "
+                                 "the results above were not saved") from None
+
+
+# ---------------------------------------------------------------- logits, validate, verify
 
 
 @main.command("logits")
-@folder_arg
+@model_arg
 @click.option("--text", required=True, help="Text to run.")
 @bos_opt
 @device_opt
 @click.option("--output", type=click.Path(path_type=Path), required=True, help="FILE.safetensors to write.")
 @click.option("--force", is_flag=True, help="Overwrite --output.")
 @user_errors
-def logits_cmd(out: Path, text: str, bos: bool, device: str | None, output: Path, force: bool) -> None:
+def logits_cmd(model: Path, text: str, bos: bool | None, device: str | None, output: Path, force: bool) -> None:
     """Write `tokens` (int64 [T]) and float32 `logits` [T, vocab] for TEXT."""
     from safetensors.torch import save
-    m = load_manifest(out)
+    m = load_manifest(model)
     dev = _device(device)
-    _check_new(output, force)
-    sp = _tokenizer(out, m)
-    tokens = ([sp.bos_id()] if bos else []) + sp.encode(text)
+    _check_output(output, force, "--output")
+    bos_id = _bos_id(m, bos)
+    tokens = ([] if bos_id is None else [bos_id]) + _tokenizer(model, m).encode([text])[0]
     _check_tokens(tokens, m, "--text")
-    result = launch(logits_worker, m.tp, 1, dev, out, [tokens])
+    result = launch(logits_worker, m.tp, 1, dev, model, m, [tokens])
     if result is None:  # a non-zero rank under torchrun
         return
     logits = result[0]
-    _write_atomic(output, save({"tokens": torch.tensor(tokens, dtype=torch.long), "logits": logits.contiguous()}))
+    try:
+        _write_atomic(output, save({"tokens": torch.tensor(tokens, dtype=torch.long), "logits": logits.contiguous()}))
+    except OSError as e:
+        raise LlamafuseError(f"--output {output}: could not be written ({e.strerror or e})") from None
     click.echo(f"wrote {output}: {len(tokens)} tokens x {logits.shape[1]} logits")
 
 
 @main.command("validate")
-@folder_arg
+@model_arg
 @click.option("--reference", type=click.Path(path_type=Path), required=True,
               help="The source checkpoint folder, or a logits .safetensors (tokens, logits).")
 @device_opt
 @user_errors
-def validate_cmd(out: Path, reference: Path, device: str | None) -> None:
+def validate_cmd(model: Path, reference: Path, device: str | None) -> None:
     """Compare the converted model's logits with a reference; exit 1 if outside tolerance."""
-    m = load_manifest(out)
+    m = load_manifest(model)
     dev = _device(device)
     if reference.is_dir():
         from llamafuse.convert.reference import reference_logits
         from llamafuse.convert.sources import open_source
-        sp = _tokenizer(out, m)
-        seqs = [[sp.bos_id()] + sp.encode(t) for t in VALIDATION_TEXTS]
+        tok = _tokenizer(model, m)
+        bos = [] if m.tokenizer.bos_id is None else [m.tokenizer.bos_id]
+        seqs = [bos + ids for ids in tok.encode(list(VALIDATION_TEXTS))]
         ref = reference_logits(open_source(reference), seqs)
         what = f"float64 reference forward over {reference}"
     elif reference.is_file():
@@ -260,41 +322,40 @@ def validate_cmd(out: Path, reference: Path, device: str | None) -> None:
         _check_tokens(seqs[0], m, str(reference))
     else:
         raise LlamafuseError(f"{reference}: not found")
-    ours = launch(logits_worker, m.tp, 1, dev, out, seqs)
+    ours = launch(logits_worker, m.tp, 1, dev, model, m, seqs)
     if ours is None:  # a non-zero rank under torchrun
         return
     c = compare(ours, ref)
     rel_tol, top1_tol = TOLERANCE[m.dtype]
     ok = c.passes(m.dtype)
-    click.echo(f"validate {out} ({m.dtype}, tp {m.tp}) against {what}\n"
+    click.echo(f"validate {model} ({m.dtype}, tp {m.tp}) against {what}\n"
                f"  positions {c.n}, max |err| {c.max_abs:.3e}, relative error {c.rel:.3e} (tolerance {rel_tol:.0e}), "
                f"top-1 agreement {100 * c.top1:.2f}% (needs {100 * top1_tol:.0f}%)\n  {'PASS' if ok else 'FAIL'}")
     sys.exit(0 if ok else 1)
 
 
 @main.command("verify")
-@folder_arg
+@model_arg
 @user_errors
-def verify_cmd(out: Path) -> None:
-    """Recompute every checksum in the manifest; name any file that differs."""
-    m = load_manifest(out)
+def verify_cmd(model: Path) -> None:
+    """Recompute every checksum in the manifest (rank files and tokenizer); name any file that differs."""
+    m = load_manifest(model)
+    files = m.files()
     bad = []
-    with tqdm(total=sum(r.bytes for r in m.ranks), unit="B", unit_scale=True, desc="verifying") as bar:
-        for r in m.ranks:
-            path = out / r.file
+    with tqdm(total=sum(n for _, n, _ in files), unit="B", unit_scale=True, desc="verifying") as bar:
+        for name, size, sha in files:
+            path = model / name
             if not path.is_file():
-                bad.append(f"{r.file}: missing")
-                continue
-            if path.stat().st_size != r.bytes:
-                bad.append(f"{r.file}: {path.stat().st_size} bytes, manifest says {r.bytes}")
-                continue
-            if sha256_file(path, bar.update) != r.sha256:
-                bad.append(f"{r.file}: sha256 differs from the manifest")
+                bad.append(f"{name}: missing")
+            elif path.stat().st_size != size:
+                bad.append(f"{name}: {path.stat().st_size} bytes, manifest says {size}")
+            elif sha256_file(path, bar.update) != sha:
+                bad.append(f"{name}: sha256 differs from the manifest")
     for b in bad:
-        click.echo(f"llama-run: verify: {out / b}", err=True)
+        click.echo(f"llama-run: verify: {model / b}", err=True)
     if bad:
         sys.exit(1)
-    click.echo(f"{out}: all {len(m.ranks)} rank files match the manifest")
+    click.echo(f"{model}: all {len(files)} files ({len(m.ranks)} rank files and the tokenizer) match the manifest")
 
 
 if __name__ == "__main__":

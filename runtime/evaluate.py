@@ -1,80 +1,110 @@
-"""Score HellaSwag items with a loaded model: pack, run, sum continuation log-likelihoods."""
+"""Score (context, continuation) requests with a loaded model.
+
+Requests come in groups (a HellaSwag item's four endings, one lm-eval request) that are packed
+whole into prefix-forest batches, so every shared prefix is computed once; each request gets
+the summed log-likelihood of its continuation and whether every continuation token was the
+model's greedy choice. Batches are queued on the device one ahead of reading results back.
+"""
 from __future__ import annotations
 
-import json
-import os
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from llamafuse.formats import LlamafuseError, load_manifest
+from llamafuse.formats import LlamafuseError, Manifest
 
-from .hellaswag import Item, sample_record
 from .load import open_model
-from .model import FlexAttention, Model
+from .model import Model
 from .packing import Batch, make_batch, pack_groups, prefix_forest, to_device
 from .parallel import Context
 
 
 @dataclass(frozen=True)
+class Request:
+    """Score `continuation` after `context` (token ids; both non-empty)."""
+    context: tuple[int, ...]
+    continuation: tuple[int, ...]
+
+    @property
+    def inputs(self) -> list[int]:
+        """What the model runs: the context and the continuation less its last token."""
+        return [*self.context, *self.continuation[:-1]]
+
+
+@dataclass(frozen=True)
+class Group:
+    """Requests scored in one batch and reported together; `key` is the caller's id for them."""
+    key: int
+    requests: tuple[Request, ...]
+
+
+Score = tuple[float, bool]   # (log-likelihood of the continuation, all of its tokens greedy)
+Sink = Callable[[list[Group], list[list[Score]]], None]  # told of each finished batch (replica leaders)
+
+
+@dataclass(frozen=True)
 class Settings:
     batch_tokens: int
-    samples: Path | None     # samples.jsonl to append to (replica leaders write)
-    attention: str = "auto"  # "auto", "blocks" (SDPA + mask, any device) or "flex" (sm80+)
+    attention: str = "auto"      # "auto", "blocks" (SDPA + mask, any device) or "flex" (sm80+)
     progress: bool = True
+    label: str = "scoring"       # progress bar title
+    unit: str = "item"           # what a group is called in progress and messages
 
 
-def sequences(item: Item) -> list[list[int]]:
-    """The model inputs of an item: context + ending, less the ending's last token (never an input)."""
-    return [item.context + list(e[:-1]) for e in item.endings]
+@dataclass(frozen=True)
+class RunResult:
+    """What a run returns on global rank 0."""
+    scores: dict[int, list[Score]]   # group key -> one Score per request
+    load_s: float
+    first_batch_s: float             # the first batch alone (includes compiling kernels)
+    eval_s: float                    # all batches, the first included
+    tokens: int                      # forest tokens run (filler excluded)
+    replicas: int
+    device: str
 
 
-def pack(items: list[Item], batch_tokens: int) -> list[list[int]]:
-    """Indices of `items` in batches whose prefix forest has at most batch_tokens tokens."""
-    return pack_groups([sequences(it) for it in items], batch_tokens)
-
-
-class ItemBatch(NamedTuple):
+class Prepared(NamedTuple):
     batch: Batch
     rows: torch.Tensor     # [T] per scored token: its row among batch.select
     targets: torch.Tensor  # [T] the token it scores
-    slot: torch.Tensor     # [T] its (item, ending) as 4 * item + ending
+    slot: torch.Tensor     # [T] its request, numbered across the batch's groups
     tokens: int            # tokens in the forest (without filler)
 
 
-def item_batch(items: list[Item], pad_to: int | None = None) -> ItemBatch:
-    """The packed batch of some items and what to score in it.
+def prepare(groups: Sequence[Group], pad_to: int | None = None) -> Prepared:
+    """The packed batch of some groups and what to score in it.
 
-    Ending e is scored at the context's last token and at its own first len(e) - 1 tokens;
-    sequences that share a prefix share those rows.
+    A continuation is scored at the context's last token and at its own tokens but the last;
+    requests that share a prefix share those rows.
     """
-    forest = prefix_forest([s for it in items for s in sequences(it)])
+    reqs = [r for g in groups for r in g.requests]
+    forest = prefix_forest([r.inputs for r in reqs])
     row_of: dict[int, int] = {}
     rows, targets, slot = [], [], []
-    for k, it in enumerate(items):
-        for j, e in enumerate(it.endings):
-            path = forest.index[4 * k + j]
-            for t, tok in enumerate(e):
-                rows.append(row_of.setdefault(path[len(it.context) - 1 + t], len(row_of)))
-            targets += e
-            slot += [4 * k + j] * len(e)
-    return ItemBatch(make_batch(forest, list(row_of), pad_to),
-                     *(torch.tensor(x, dtype=torch.long) for x in (rows, targets, slot)), len(forest))
+    for j, r in enumerate(reqs):
+        path = forest.index[j]
+        for t in range(len(r.continuation)):
+            rows.append(row_of.setdefault(path[len(r.context) - 1 + t], len(row_of)))
+        targets += r.continuation
+        slot += [j] * len(r.continuation)
+    return Prepared(make_batch(forest, list(row_of), pad_to),
+                    *(torch.tensor(x, dtype=torch.long) for x in (rows, targets, slot)), len(forest))
 
 
-def score_batch(model: Model, items: list[Item], device: torch.device, pad_to: int | None = None) -> tuple[Readback, int]:
-    """The [len(items), 4] float64 summed log-likelihoods on their way to the host, and the
-    tokens run. Nothing here waits for the device."""
-    ib = item_batch(items, pad_to)
-    rows, targets, slot = (to_device(x, device) for x in (ib.rows, ib.targets, ib.slot))
-    lp = model.target_logprobs(ib.batch.to(device), rows, targets)
-    out = torch.zeros(4 * len(items), dtype=torch.float64, device=device)
-    return Readback(out.index_add_(0, slot, lp.double()).view(-1, 4)), ib.tokens
+def check_requests(groups: Sequence[Group], max_len: int, unit: str) -> None:
+    """Every request has a context and a continuation, and fits the model's rotary tables."""
+    for g in groups:
+        for r in g.requests:
+            if not r.context or not r.continuation:
+                raise LlamafuseError(f"{unit} {g.key}: a request needs a non-empty context and continuation (in tokens)")
+            if len(r.inputs) > max_len:
+                raise LlamafuseError(f"{unit} {g.key}: {len(r.inputs)} positions, the model's rotary tables cover {max_len}")
 
 
 class Readback:
@@ -99,50 +129,65 @@ class Readback:
         return self.host
 
 
-def _append(path: Path, records: list[dict]) -> None:
-    data = "".join(json.dumps(r) + "\n" for r in records).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, data)  # one write per batch: whole lines, even with several writers
-    finally:
-        os.close(fd)
+def score_batch(model: Model, groups: Sequence[Group], device: torch.device,
+                pad_to: int | None = None) -> tuple[Readback, int]:
+    """[requests, 2] float64 (log-likelihood, 1.0 if greedy) on its way to the host, and the
+    tokens run. Nothing here waits for the device."""
+    p = prepare(groups, pad_to)
+    rows, targets, slot = (to_device(x, device) for x in (p.rows, p.targets, p.slot))
+    lp, greedy = model.target_logprobs(p.batch.to(device), rows, targets)
+    n = sum(len(g.requests) for g in groups)
+    out = torch.zeros(n, 2, dtype=torch.float64, device=device)
+    out[:, 0].index_add_(0, slot, lp.double())
+    out[:, 1] = 1.0
+    out[:, 1].index_reduce_(0, slot, greedy.double(), "amin")
+    return Readback(out), p.tokens
 
 
-def hellaswag_worker(ctx: Context, folder: Path, items: list[Item], settings: Settings) -> dict | None:
-    """Every rank runs this; returns {doc_id: lls} and timings on global rank 0."""
+def score_worker(ctx: Context, folder: Path, manifest: Manifest, groups: list[Group], settings: Settings,
+                 sink: Sink | None = None, skip: frozenset[int] = frozenset()) -> RunResult | None:
+    """Every rank runs this: load the model, score the groups whose key global rank 0's `skip`
+    (already scored) lacks; the result on global rank 0."""
     t0 = time.perf_counter()
-    model = open_model(ctx, folder, load_manifest(folder), settings.attention)
+    if ctx.world > 1:  # under torchrun only rank 0 has read the samples file
+        box = [skip]
+        dist.broadcast_object_list(box, src=0)
+        skip = box[0]
+    groups = [g for g in groups if g.key not in skip]
+    model = open_model(ctx, folder, manifest, settings.attention)
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
-    load_s = time.perf_counter() - t0
-    out = score_items(ctx, model, items, settings)
-    if out is not None:
-        out["load_s"] = load_s
-    return out
+    return score_groups(ctx, model, groups, settings, sink, load_s=time.perf_counter() - t0)
 
 
-def score_items(ctx: Context, model: Model, items: list[Item], settings: Settings) -> dict | None:
-    """Score this replica's share of the batches; rank 0 gets everyone's {doc_id: lls}."""
-    # Compiled kernels want one shape: pad every batch to the budget (packing keeps them full).
-    pad_to = settings.batch_tokens if isinstance(model.attention, FlexAttention) else None
-    batches = pack(items, settings.batch_tokens)[ctx.replica::ctx.replicas]
+def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Settings,
+                 sink: Sink | None = None, load_s: float = 0.0) -> RunResult | None:
+    """Score this replica's share of the batches; global rank 0 gets everyone's scores."""
+    pad_to = settings.batch_tokens if model.attention.fixed_shape else None
+    batches = pack_groups([[r.inputs for r in g.requests] for g in groups], settings.batch_tokens)
+    mine = batches[ctx.replica::ctx.replicas]
     leader = ctx.tp_rank == 0
-    bar = tqdm(total=sum(len(b) for b in batches), unit="item", dynamic_ncols=True, mininterval=1.0,
-               disable=not (settings.progress and ctx.is_main), desc=f"hellaswag x{ctx.replicas}" if ctx.replicas > 1 else "hellaswag")
-    results: dict[int, list[float]] = {}
+    title = f"{settings.label} x{ctx.replicas}" if ctx.replicas > 1 else settings.label
+    bar = tqdm(total=sum(len(b) for b in mine), unit=settings.unit, dynamic_ncols=True, mininterval=1.0,
+               disable=not (settings.progress and ctx.is_main), desc=title)
+    scores: dict[int, list[Score]] = {}
     done_tokens = 0
     t1 = time.perf_counter()
 
-    def collect(its: list[Item], lls: Readback, tokens: int) -> None:
+    def collect(gs: list[Group], result: Readback, tokens: int) -> None:
         nonlocal done_tokens
-        rows = lls.get().tolist()                       # waits for this batch only
-        recs = [sample_record(it, r) for it, r in zip(its, rows)]
-        for it, r in zip(its, rows):
-            results[it.doc_id] = r
-        if leader and settings.samples:
-            _append(settings.samples, recs)
+        per_group = _split(gs, result.get().tolist())    # waits for this batch only
+        bad = [g.key for g, s in zip(gs, per_group) if not all(math.isfinite(ll) for ll, _ in s)]
+        if bad:
+            raise LlamafuseError(f"non-finite log-likelihoods (NaN or inf) for {settings.unit}(s) "
+                                 f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''}: "
+                                 "the model's numbers overflow; no score is reported")
+        for g, s in zip(gs, per_group):
+            scores[g.key] = s
+        if leader and sink is not None:
+            sink(gs, per_group)
         done_tokens += tokens
-        bar.update(len(its))
+        bar.update(len(gs))
         bar.set_postfix_str(f"{done_tokens / (time.perf_counter() - t1):,.0f} tok/s", refresh=False)
 
     if pad_to and ctx.is_main and settings.progress:
@@ -150,12 +195,12 @@ def score_items(ctx: Context, model: Model, items: list[Item], settings: Setting
     pending = None
     first_s = 0.0
     try:
-        for k, b in enumerate(batches):
-            its = [items[i] for i in b]
-            lls, tokens = score_batch(model, its, ctx.device, pad_to)  # queued on the device
+        for k, b in enumerate(mine):
+            gs = [groups[i] for i in b]
+            result, tokens = score_batch(model, gs, ctx.device, pad_to)  # queued on the device
             if pending:
                 collect(*pending)                        # the previous batch, while this one runs
-            pending = (its, lls, tokens)
+            pending = (gs, result, tokens)
             if k == 0:                                   # includes compilation: timed on its own
                 collect(*pending)
                 pending, first_s = None, time.perf_counter() - t1
@@ -166,16 +211,23 @@ def score_items(ctx: Context, model: Model, items: list[Item], settings: Setting
                              f"try --batch-tokens {settings.batch_tokens // 2}") from None
     finally:
         bar.close()
-    eval_s = time.perf_counter() - t1
-    if ctx.world > 1:
-        gathered: list[dict] | None = [{} for _ in range(ctx.world)] if ctx.is_main else None
-        dist.gather_object({"results": results if leader else {}, "eval_s": eval_s, "first_s": first_s,
-                            "tokens": done_tokens if leader else 0}, gathered, dst=0)
-        if not ctx.is_main:
-            return None
-        results = {k: v for g in gathered for k, v in g["results"].items()}
-        eval_s = max(g["eval_s"] for g in gathered)
-        first_s = max(g["first_s"] for g in gathered)
-        done_tokens = sum(g["tokens"] for g in gathered)
-    return {"lls": results, "eval_s": eval_s, "first_batch_s": first_s, "tokens": done_tokens,
-            "device": str(ctx.device), "replicas": ctx.replicas}
+    mine_result = RunResult(scores if leader else {}, load_s, first_s, time.perf_counter() - t1,
+                            done_tokens if leader else 0, ctx.replicas, str(ctx.device))
+    if ctx.world == 1:
+        return mine_result
+    gathered: list[RunResult] | None = [mine_result] * ctx.world if ctx.is_main else None
+    dist.gather_object(mine_result, gathered, dst=0)
+    if not ctx.is_main:
+        return None
+    return RunResult({k: v for g in gathered for k, v in g.scores.items()},
+                     max(g.load_s for g in gathered), max(g.first_batch_s for g in gathered),
+                     max(g.eval_s for g in gathered), sum(g.tokens for g in gathered), ctx.replicas, str(ctx.device))
+
+
+def _split(groups: Sequence[Group], flat: list[list[float]]) -> list[list[Score]]:
+    out, i = [], 0
+    for g in groups:
+        n = len(g.requests)
+        out.append([(ll, greedy == 1.0) for ll, greedy in flat[i:i + n]])
+        i += n
+    return out

@@ -17,8 +17,10 @@ import numpy as np
 
 from llamafuse.formats.errors import LlamafuseError
 
+from .evaluate import Group, Request
+
 if TYPE_CHECKING:
-    import sentencepiece
+    from llamafuse.formats.tokenizer import Tokenizer
 
 HUB_ID = "Rowan/hellaswag"
 HUB_SPLIT = "validation"
@@ -49,22 +51,22 @@ def load_docs(data: str | None, limit: int | None = None) -> list[dict]:
             raise LlamafuseError(f"{data}: expected a .jsonl or .jsonl.gz file")
         else:
             raise LlamafuseError(f"{data}: no such file")
-    docs = [_validate_row(source, i, row) for i, row in _take(rows, limit)]
+    docs = [_validate_row(where, row) for where, row in _take(rows, limit)]
     if not docs:
         raise LlamafuseError(f"{source}: contains no rows")
     return docs
 
 
-def _take(rows: Iterable[Any], limit: int | None) -> Iterator[tuple[int, Any]]:
-    """Enumerate rows, stopping after ``limit`` of them."""
+def _take(rows: Iterable[tuple[str, Any]], limit: int | None) -> Iterator[tuple[str, Any]]:
+    """The first ``limit`` rows (all if None)."""
     for i, row in enumerate(rows):
         if limit is not None and i >= limit:
             return
-        yield i, row
+        yield row
 
 
-def _jsonl_rows(path: Path) -> Iterator[Any]:
-    """Yield the parsed non-blank lines of a .jsonl or .jsonl.gz file."""
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """("NAME line N", parsed row) for the non-blank lines of a .jsonl or .jsonl.gz file."""
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
@@ -72,19 +74,21 @@ def _jsonl_rows(path: Path) -> Iterator[Any]:
                 if not line.strip():
                     continue
                 try:
-                    yield json.loads(line)
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise LlamafuseError(f"{path.name} line {lineno}: invalid JSON ({e.msg})") from None
+                yield f"{path.name} line {lineno}", row
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise LlamafuseError(f"{path.name}: cannot read ({_one_line(e)})") from None
 
 
-def _hub_rows(name: str) -> list[dict]:
-    """Load the validation split of a hub dataset; any failure becomes a LlamafuseError."""
+def _hub_rows(name: str) -> list[tuple[str, Any]]:
+    """("NAME row N", row) for the validation split of a hub dataset, N from 1; any failure
+    becomes a LlamafuseError."""
     try:
         import datasets
 
-        return list(datasets.load_dataset(name, split=HUB_SPLIT))
+        return [(f"{name} row {i}", row) for i, row in enumerate(datasets.load_dataset(name, split=HUB_SPLIT), 1)]
     except Exception as e:
         raise LlamafuseError(
             f"cannot load hub dataset {name!r} ({_one_line(e)}); "
@@ -98,9 +102,9 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def _validate_row(source: str, i: int, row: Any) -> dict:
-    """Check one row's fields; return it with ``label`` as int and ``ind`` present."""
-    where = f"{source} row {i}"
+def _validate_row(where: str, row: Any) -> dict:
+    """Check one row's fields; return it with ``label`` as int, ``ind`` present and ``_where``
+    (its file and line) for later messages."""
     if not isinstance(row, dict):
         raise LlamafuseError(f"{where}: expected a JSON object, got {type(row).__name__}")
     for field in ("activity_label", "ctx_a", "ctx_b"):
@@ -117,7 +121,7 @@ def _validate_row(source: str, i: int, row: Any) -> dict:
     ind = row.get("ind")
     if ind is not None and (isinstance(ind, bool) or not isinstance(ind, int)):
         raise LlamafuseError(f"{where}: field 'ind' must be an integer")
-    return {**row, "ind": ind, "label": _parse_label(where, row)}
+    return {**row, "ind": ind, "label": _parse_label(where, row), "_where": where}
 
 
 def _parse_label(where: str, row: dict) -> int:
@@ -169,6 +173,10 @@ class Item:
         """Tokens to score when each (context, ending) pair is run separately."""
         return sum(len(self.context) + len(e) for e in self.endings)
 
+    def group(self) -> Group:
+        """The item as requests to score: its context with each ending."""
+        return Group(self.doc_id, tuple(Request(tuple(self.context), e) for e in self.endings))
+
 
 def query_and_choices(doc: dict) -> tuple[str, list[str]]:
     """The harness's prompt text and the four preprocessed choice strings."""
@@ -185,8 +193,8 @@ def split_pair(context: str, continuation: str) -> tuple[str, str]:
     return context[:-n_spaces], context[-n_spaces:] + continuation
 
 
-def build_items(docs: Sequence[dict], sp: sentencepiece.SentencePieceProcessor, bos: bool) -> list[Item]:
-    """Tokenize validated docs as the harness's ``_encode_pair`` does, BOS first when ``bos``."""
+def build_items(docs: Sequence[dict], tokenizer: Tokenizer, bos_id: int | None) -> list[Item]:
+    """Tokenize validated docs as the harness's ``_encode_pair`` does, ``bos_id`` first if given."""
     contexts: list[str] = []
     wholes: list[str] = []
     all_choices: list[list[str]] = []
@@ -196,9 +204,9 @@ def build_items(docs: Sequence[dict], sp: sentencepiece.SentencePieceProcessor, 
         contexts.append(pairs[0][0])
         wholes.extend(ctx + cont for ctx, cont in pairs)
         all_choices.append(choices)
-    prefix = [sp.bos_id()] if bos else []
-    ctx_ids = sp.encode(contexts)
-    whole_ids = sp.encode(wholes)
+    prefix = [] if bos_id is None else [bos_id]
+    ctx_ids = tokenizer.encode(contexts)
+    whole_ids = tokenizer.encode(wholes)
     items = []
     for i, doc in enumerate(docs):
         context = prefix + ctx_ids[i]
@@ -207,7 +215,7 @@ def build_items(docs: Sequence[dict], sp: sentencepiece.SentencePieceProcessor, 
         )
         for j, ending in enumerate(endings):
             if not ending:
-                raise LlamafuseError(f"row {i}: ending {j} has no tokens after the context")
+                raise LlamafuseError(f"{doc['_where']}: ending {j} has no tokens after the context")
         items.append(Item(
             doc_id=i,
             ind=doc.get("ind"),

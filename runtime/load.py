@@ -1,4 +1,4 @@
-"""Open a converted folder: validate the manifest and a rank file, map its tensors onto a device."""
+"""Open a converted folder: check a rank file against the manifest, put its tensors on a device."""
 from __future__ import annotations
 
 import os
@@ -9,16 +9,19 @@ from pathlib import Path
 import torch
 
 from llamafuse.formats import LlamafuseError, Manifest, RankLayout, rank_tensor_specs
+from llamafuse.formats.manifest import rank_metadata
 from llamafuse.formats.tensorfile import MappedFile, TensorInfo, read_header
 
-from .model import BlockAttention, FlexAttention, Model
+from .attention import choose_attention
+from .model import Model
 from .parallel import Context, first_error
 
 CHUNK = 64 << 20
+ALIGN = 16  # GEMM kernels want 16-byte aligned operands; a tensor that is not gets its own copy
 
 
 def check_rank_file(folder: Path, manifest: Manifest, rank: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Cheap integrity checks: size, header, and exactly the tensors the format prescribes."""
+    """Size, header, metadata, and exactly the tensors the format prescribes, in its order."""
     rf = manifest.ranks[rank]
     path = Path(folder) / rf.file
     if not path.is_file():
@@ -27,10 +30,13 @@ def check_rank_file(folder: Path, manifest: Manifest, rank: int) -> tuple[dict[s
     if size != rf.bytes:
         raise LlamafuseError(f"{path}: {size} bytes, but the manifest says {rf.bytes} (truncated or replaced?)")
     infos, meta = read_header(path)
+    if meta != rank_metadata(manifest.tp):
+        raise LlamafuseError(f"{path}: __metadata__ is {meta}, expected {rank_metadata(manifest.tp)}")
     specs = rank_tensor_specs(manifest.config, manifest.tp)
-    if set(infos) != {n for n, _, _ in specs}:
+    if list(infos) != [n for n, _, _ in specs]:
         missing = sorted({n for n, _, _ in specs} - set(infos))[:3]
-        raise LlamafuseError(f"{path}: tensors do not match the manifest (missing e.g. {missing})")
+        what = f"missing e.g. {missing}" if missing else "not in the format's order"
+        raise LlamafuseError(f"{path}: tensors do not match the format ({what})")
     for name, shape, rope in specs:
         want = torch.float32 if rope else manifest.torch_dtype
         t = infos[name]
@@ -41,15 +47,18 @@ def check_rank_file(folder: Path, manifest: Manifest, rank: int) -> tuple[dict[s
 
 def load_rank(folder: Path, manifest: Manifest, rank: int, device: torch.device,
               threads: int = 16) -> dict[str, torch.Tensor]:
-    """Tensors of rank file `rank` on `device`. CPU: zero-copy mmap views. CUDA: the file is
-    streamed through pinned buffers by several threads straight into one device allocation."""
+    """Tensors of rank file `rank` on `device`. CPU: zero-copy views of a memory map. CUDA: the
+    file is read by several threads through pinned buffers into one device allocation, and the
+    tensors are views of it. Either way a tensor whose bytes are not 16-byte aligned is copied."""
     infos, meta = check_rank_file(folder, manifest, rank)
     path = Path(folder) / manifest.ranks[rank].file
     if device.type == "cpu":
         mf = MappedFile(path, (infos, meta))
-        return {n: mf.get(n) for n in infos}
-    buf = _copy_file_to_device(path, device, threads)
-    return {n: buf[t.begin:t.end].view(t.dtype).view(t.shape) for n, t in infos.items()}
+        tensors = {n: mf.get(n) for n in infos}
+    else:
+        buf = _copy_file_to_device(path, device, threads)
+        tensors = {n: buf[t.begin:t.end].view(t.dtype).view(t.shape) for n, t in infos.items()}
+    return {n: t if t.data_ptr() % ALIGN == 0 else t.clone() for n, t in tensors.items()}
 
 
 def _copy_file_to_device(path: Path, device: torch.device, threads: int) -> torch.Tensor:
@@ -88,17 +97,6 @@ def _copy_file_to_device(path: Path, device: torch.device, threads: int) -> torc
     return dev
 
 
-def fast_path(device: torch.device, head_dim: int, attention: str = "auto") -> tuple[BlockAttention | FlexAttention, bool]:
-    """(attention backend, compile?) for a device: FlexAttention and torch.compile on sm80+;
-    SDPA with explicit masks, uncompiled, on the CPU and on older GPUs such as the V100 (sm70).
-    FlexAttention needs head_dim >= 16, so tiny test models use the mask path everywhere."""
-    modern = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-    if attention == "auto":
-        attention = "flex" if modern and head_dim >= 16 else "blocks"
-    flex = attention == "flex"
-    return (FlexAttention() if flex else BlockAttention()), modern and flex  # compile wants fixed shapes
-
-
 def open_model(ctx: Context, folder: Path, manifest: Manifest, attention: str = "auto") -> Model:
     """Load this rank's file onto its device and build the model; all ranks fail together."""
     error = None
@@ -109,6 +107,6 @@ def open_model(ctx: Context, folder: Path, manifest: Manifest, attention: str = 
     error = first_error(ctx, error)
     if error:
         raise LlamafuseError(error)
-    backend, compile = fast_path(ctx.device, manifest.config.head_dim, attention)
+    backend, compile = choose_attention(ctx.device, manifest.config.head_dim, attention)
     return Model(manifest.config, RankLayout(manifest.config, manifest.tp, ctx.tp_rank), tensors, ctx.tp_group,
                  backend, compile)

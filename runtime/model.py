@@ -15,79 +15,8 @@ import torch.nn.functional as F
 from llamafuse.formats import ModelConfig, RankLayout
 from llamafuse.formats import names
 
+from .attention import Attention, BlockAttention
 from .packing import Batch
-
-
-class BlockAttention:
-    """SDPA per block of Q consecutive queries against the keys that block can see.
-
-    In depth-first order the keys visible to queries a..a+Q-1 are the ancestors of token a
-    (the k < a with end[k] > a) and the block itself, so each block becomes a small dense
-    problem with an explicit boolean mask. Works on the CPU and on every CUDA capability
-    (on sm70 the memory-efficient kernel takes the mask).
-    """
-
-    def __init__(self, block: int = 128):
-        self.block = block
-
-    def prepare(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(key index [C, D+Q] into the row, mask [C, 1, Q, D+Q]) for C query blocks."""
-        end, Q = b.end, self.block
-        N = end.numel()
-        C = -(-N // Q)
-        ar = torch.arange(N, device=end.device)
-        first = torch.arange(C, device=end.device) * Q                            # [C]
-        ancestor = (ar[None, :] < first[:, None]) & (end[None, :] > first[:, None])  # [C, N]
-        D = -(-int(ancestor.sum(1).max()) // 16) * 16                             # keys padded to 16s
-        anc = torch.where(ancestor, ar, N).sort(dim=1).values[:, :D]              # N marks padding
-        if anc.shape[1] < D:
-            anc = F.pad(anc, (0, D - anc.shape[1]), value=N)
-        own = first[:, None] + torch.arange(Q, device=end.device)                 # [C, Q]
-        keys = torch.cat([anc, own], 1)                                           # [C, D+Q]
-        valid = keys < N
-        keys = keys.clamp(max=N - 1)
-        q = own.clamp(max=N - 1)                                                  # padded queries repeat N-1
-        mask = valid[:, None, :] & (keys[:, None, :] <= q[:, :, None]) & (q[:, :, None] < end[keys][:, None, :])
-        return keys, mask[:, None]
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any) -> torch.Tensor:
-        """q [N, H, hd], k/v [N, KV, hd] -> [N, H*hd]."""
-        keys, mask = state
-        N, H, hd = q.shape
-        C, Q = mask.shape[0], mask.shape[2]
-        qp = F.pad(q, (0, 0, 0, 0, 0, C * Q - N)).view(C, Q, H, hd).transpose(1, 2)  # [C, H, Q, hd]
-        kp, vp = k[keys].transpose(1, 2), v[keys].transpose(1, 2)                    # [C, KV, D+Q, hd]
-        if kp.shape[1] != H:
-            kp, vp = kp.repeat_interleave(H // kp.shape[1], 1), vp.repeat_interleave(H // vp.shape[1], 1)
-        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask)                # [C, H, Q, hd]
-        return o.transpose(1, 2).reshape(C * Q, H * hd)[:N]
-
-
-class FlexAttention:
-    """FlexAttention over the packed row with a block-sparse mask (no padding, no copies).
-
-    For sm80+ GPUs; the kernel is compiled once per batch shape, so pad batches to one length.
-    `block` is the mask's (query, key) tile: blocks with no visible pair are skipped.
-    """
-
-    def __init__(self, block: tuple[int, int] = (128, 64)) -> None:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        self._create, self.block = create_block_mask, block
-        self._flex = torch.compile(flex_attention, dynamic=False)
-
-    def prepare(self, b: Batch) -> Any:
-        end = b.end
-
-        def visible(_b: Any, _h: Any, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
-            return (ki <= qi) & (qi < end[ki])
-        n = end.numel()
-        return self._create(visible, None, None, n, n, device=end.device, BLOCK_SIZE=self.block, _compile=True)
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any) -> torch.Tensor:
-        N, H, hd = q.shape
-        o = self._flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                       block_mask=state, enable_gqa=k.shape[1] != H)                # [1, H, N, hd]
-        return o[0].transpose(0, 1).reshape(N, H * hd)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -104,7 +33,7 @@ class Model:
     """One rank's share of the model; `group` is its tensor-parallel process group (or None)."""
 
     def __init__(self, config: ModelConfig, lay: RankLayout, tensors: dict[str, torch.Tensor],
-                 group: dist.ProcessGroup | None = None, attention: BlockAttention | FlexAttention | None = None,
+                 group: dist.ProcessGroup | None = None, attention: Attention | None = None,
                  compile: bool = False):
         self.c, self.lay, self.w, self.group = config, lay, tensors, group
         self.attention = attention or BlockAttention()
@@ -157,10 +86,13 @@ class Model:
         dist.all_gather(parts, local, group=self.group)
         return torch.cat(parts, dim=-1)
 
-    def target_logprobs(self, b: Batch, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """log p(targets[t] | selected token rows[t]), [T] float32, by a vocab-parallel log-softmax.
+    def target_logprobs(self, b: Batch, rows: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p(targets[t] | selected row rows[t]) [T] float32, is targets[t] the most likely
+        token there [T] bool), by a vocab-parallel log-softmax.
 
-        Several targets may share a row (sequences that share a prefix predict different tokens)."""
+        Several targets may share a row (sequences that share a prefix predict different tokens).
+        A target tied with another token for the highest logit counts as greedy.
+        """
         local = self.logits(b)                                                  # [M, V/tp]
         mx = local.max(-1).values
         if self.lay.tp > 1:
@@ -173,4 +105,4 @@ class Model:
             both = torch.cat([sumexp, tgt])
             dist.all_reduce(both, group=self.group)
             sumexp, tgt = both.split([sumexp.numel(), tgt.numel()])
-        return tgt - (mx + sumexp.log())[rows]
+        return tgt - (mx + sumexp.log())[rows], tgt >= mx[rows]

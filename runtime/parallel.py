@@ -84,6 +84,11 @@ def _entry(rank: int, world: int, tp: int, device_type: str, port: int, queue: A
         dist.destroy_process_group()
 
 
+def launched_rank() -> int | None:
+    """This process's global rank when torchrun started it, else None."""
+    return int(os.environ["RANK"]) if "WORLD_SIZE" in os.environ and "RANK" in os.environ else None
+
+
 def launch(worker: Callable[..., Any], tp: int, replicas: int, device_type: str, *args: Any) -> Any:
     """Run `worker(ctx, *args)` on every rank; returns rank 0's result.
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from llamafuse.formats import load_manifest
+from llamafuse.formats import Manifest
 
 from .load import open_model
 from .packing import make_batch, prefix_forest
@@ -35,9 +35,8 @@ def compare(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> Comparison:
                       float((a.argmax(-1) == b.argmax(-1)).double().mean()), a.shape[0])
 
 
-def logits_worker(ctx: Context, folder: Path, sequences: list[list[int]]) -> list[torch.Tensor] | None:
+def logits_worker(ctx: Context, folder: Path, manifest: Manifest, sequences: list[list[int]]) -> list[torch.Tensor] | None:
     """Full float32 logits [T, vocab] for each sequence (run causally); returned on rank 0 only."""
-    manifest = load_manifest(folder)
     model = open_model(ctx, folder, manifest)
     out = []
     for seq in sequences:

@@ -43,3 +43,50 @@ def stories_hf(data_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def stories_tokenizer(stories_meta: Path) -> Path:
     return stories_meta / "tokenizer.model"
+
+
+def check_standard_safetensors(folder: Path) -> None:
+    """Every rank file of a converted folder opens with the safetensors library and yields exactly
+    the tensors llama-run loads (names, dtypes, shapes, bytes)."""
+    import torch
+    from safetensors import safe_open
+
+    from llamafuse.formats import load_manifest
+    from llamafuse.runtime.load import load_rank
+
+    m = load_manifest(folder)
+    for r in m.ranks:
+        ours = load_rank(folder, m, r.rank, torch.device("cpu"))
+        with safe_open(str(folder / r.file), "pt") as f:
+            assert sorted(f.keys()) == sorted(ours), r.file
+            for name, t in ours.items():
+                assert torch.equal(f.get_tensor(name), t), (r.file, name)
+
+
+def _intact(folder: Path) -> bool:
+    """A converter's output as it wrote it (tests damage some copies on purpose)."""
+    from llamafuse.formats import LlamafuseError, load_manifest
+    from llamafuse.formats.manifest import sha256_file
+    try:
+        m = load_manifest(folder)
+    except LlamafuseError:
+        return False
+    return all((folder / name).is_file() and sha256_file(folder / name) == sha for name, _, sha in m.files())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Every intact conversion the suite made, through the API or the CLI, is standard safetensors."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None or exitstatus != 0:
+        return
+    bad = []
+    for manifest in sorted(factory.getbasetemp().rglob("manifest.json")):
+        if not _intact(manifest.parent):
+            continue
+        try:
+            check_standard_safetensors(manifest.parent)
+        except Exception as e:  # noqa: BLE001 - reported below, fails the run
+            bad.append(f"{manifest.parent}: {type(e).__name__}: {e}")
+    if bad:
+        session.config.get_terminal_writer().line("rank files that are not standard safetensors:\n" + "\n".join(bad))
+        session.exitstatus = 1

@@ -9,9 +9,9 @@ import types
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 
 from llamafuse.formats.errors import LlamafuseError
+from llamafuse.formats.tokenizer import Tokenizer, read_tokenizer
 from llamafuse.runtime.hellaswag import (
     Item,
     build_items,
@@ -24,17 +24,22 @@ from llamafuse.runtime.hellaswag import (
     split_pair,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import DATA
+
 VAL = DATA / "hellaswag" / "hellaswag_val.jsonl.gz"
 TOKENIZER = DATA / "llama-tokenizer" / "tokenizer.model"
 N_VAL = 10042
+BOS = 1
 SHARED, PAIRS, LONGEST = 1_900_944, 3_593_295, 170
 
 
 @pytest.fixture(scope="module")
-def sp() -> spm.SentencePieceProcessor:
-    assert TOKENIZER.is_file(), f"missing test data {TOKENIZER}"
-    return spm.SentencePieceProcessor(model_file=str(TOKENIZER))
+def sp() -> Tokenizer:
+    return read_tokenizer(TOKENIZER, 32000)
+
+
+def enc(tok: Tokenizer, text: str) -> list[int]:
+    return tok.encode([text])[0]
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +79,10 @@ def make_item(label: int, choice_chars: tuple[int, ...], doc_id: int = 0) -> Ite
 
 def test_real_data_token_counts(val_docs, sp):
     assert len(val_docs) == N_VAL
-    items = build_items(val_docs, sp, bos=False)
+    items = build_items(val_docs, sp, None)
     assert count_tokens(items) == (SHARED, PAIRS, LONGEST)
-    bos_items = build_items(val_docs, sp, bos=True)
-    assert all(it.context[0] == sp.bos_id() == 1 for it in bos_items)
+    bos_items = build_items(val_docs, sp, BOS)
+    assert all(it.context[0] == BOS for it in bos_items)
     assert count_tokens(bos_items) == (SHARED + N_VAL, PAIRS + 4 * N_VAL, LONGEST + 1)
     assert [it.endings for it in bos_items[:50]] == [it.endings for it in items[:50]]
 
@@ -88,10 +93,10 @@ def test_real_first_row(val_docs, sp):
     query, choices = query_and_choices(doc)
     assert query == "Roof shingle removal: A man is sitting on a roof. He"
     assert choices[3] == "starts pulling up roofing on a roof."
-    item = build_items(val_docs[:1], sp, bos=False)[0]
+    item = build_items(val_docs[:1], sp, None)[0]
     assert (item.doc_id, item.ind, item.label) == (0, 24, 3)
-    assert item.context == sp.encode(query)
-    assert list(item.context) + list(item.endings[3]) == sp.encode(query + " " + choices[3])
+    assert item.context == enc(sp, query)
+    assert list(item.context) + list(item.endings[3]) == enc(sp, query + " " + choices[3])
     assert item.choice_chars == tuple(len(c) for c in choices)
 
 
@@ -132,9 +137,9 @@ def test_build_items_context_ending_in_space(sp, tmp_path):
     query, _ = query_and_choices(doc)
     assert query == "Sport: He wins. "
     docs = load_docs(str(write_jsonl(tmp_path / "one.jsonl", [doc])))
-    item = build_items(docs, sp, bos=True)[0]
-    assert item.context == [1] + sp.encode("Sport: He wins.")
-    assert item.context + list(item.endings[0]) == [1] + sp.encode("Sport: He wins.  Ending one.")
+    item = build_items(docs, sp, BOS)[0]
+    assert item.context == [1] + enc(sp, "Sport: He wins.")
+    assert item.context + list(item.endings[0]) == [1] + enc(sp, "Sport: He wins.  Ending one.")
     assert item.choice_chars == (len("Ending one."), 3, 5, 4)
 
 
@@ -178,7 +183,6 @@ def test_sample_record_is_plain_json():
     rec = sample_record(item, [-1, -2, -0.5, -4])
     assert rec == {"doc_id": 7, "ind": None, "label": 2, "lls": [-1.0, -2.0, -0.5, -4.0],
                    "pred": 2, "pred_norm": 2}
-    assert json.loads(json.dumps(rec)) == rec
     assert item.n_tokens == 2 + 5 and item.n_pair_tokens == 4 * 2 + 5
 
 
@@ -189,7 +193,8 @@ def test_jsonl_and_gz_load_and_limit(tmp_path):
     rows = [good_row(ind=i, label=str(i % 4)) for i in range(5)]
     plain = load_docs(str(write_jsonl(tmp_path / "v.jsonl", rows)))
     gz = load_docs(str(write_jsonl(tmp_path / "v.jsonl.gz", rows, gz=True)))
-    assert plain == gz
+    assert [d["_where"] for d in gz] == [f"v.jsonl.gz line {i}" for i in range(1, 6)]
+    assert [{**d, "_where": None} for d in plain] == [{**d, "_where": None} for d in gz]
     assert [d["label"] for d in plain] == [0, 1, 2, 3, 0]
     limited = load_docs(str(tmp_path / "v.jsonl.gz"), limit=2)
     assert [d["ind"] for d in limited] == [0, 1]
@@ -211,20 +216,21 @@ def test_bad_json_line(tmp_path):
 
 
 @pytest.mark.parametrize("row, message", [
-    ({k: v for k, v in good_row().items() if k != "ctx_b"}, "row 1: missing field 'ctx_b'"),
-    ({k: v for k, v in good_row().items() if k != "label"}, "row 1: missing field 'label'"),
-    ({k: v for k, v in good_row().items() if k != "endings"}, "row 1: missing field 'endings'"),
-    (good_row(activity_label=3), "row 1: field 'activity_label' must be a string"),
-    (good_row(endings=["a", "b", "c"]), "row 1: field 'endings' must be a list of 4 strings"),
-    (good_row(endings=["a", "b", "c", 4]), "row 1: field 'endings' must be a list of 4 strings"),
-    (good_row(label="7"), "row 1: label '7' out of range 0..3"),
-    (good_row(label=-1), "row 1: label -1 out of range 0..3"),
-    (good_row(label="three"), "row 1: label 'three' is not an integer"),
-    (good_row(label=1.0), "row 1: label 1.0 is not an integer"),
-    (good_row(label=True), "row 1: label True is not an integer"),
-    ([1, 2], "row 1: expected a JSON object"),
+    ({k: v for k, v in good_row().items() if k != "ctx_b"}, "line 2: missing field 'ctx_b'"),
+    ({k: v for k, v in good_row().items() if k != "label"}, "line 2: missing field 'label'"),
+    ({k: v for k, v in good_row().items() if k != "endings"}, "line 2: missing field 'endings'"),
+    (good_row(activity_label=3), "line 2: field 'activity_label' must be a string"),
+    (good_row(endings=["a", "b", "c"]), "line 2: field 'endings' must be a list of 4 strings"),
+    (good_row(endings=["a", "b", "c", 4]), "line 2: field 'endings' must be a list of 4 strings"),
+    (good_row(label="7"), "line 2: label '7' out of range 0..3"),
+    (good_row(label=-1), "line 2: label -1 out of range 0..3"),
+    (good_row(label="three"), "line 2: label 'three' is not an integer"),
+    (good_row(label=1.0), "line 2: label 1.0 is not an integer"),
+    (good_row(label=True), "line 2: label True is not an integer"),
+    ([1, 2], "line 2: expected a JSON object"),
 ])
 def test_bad_rows(tmp_path, row, message):
+    """Bad rows are named by their line in the file, counted from 1 as for bad JSON."""
     path = write_jsonl(tmp_path / "val.jsonl", [good_row(), row])
     with pytest.raises(LlamafuseError) as err:
         load_docs(str(path))
@@ -248,6 +254,7 @@ def test_hub_id_routes_to_datasets(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake_load_dataset))
     docs = load_docs(None, limit=1)
     assert calls == [("Rowan/hellaswag", "validation")]
+    assert docs[0]["_where"] == "Rowan/hellaswag row 1"
     assert [d["label"] for d in docs] == [2]
     load_docs("someone/hellaswag-copy")
     assert calls[-1] == ("someone/hellaswag-copy", "validation")

@@ -5,16 +5,17 @@ import random
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 import torch
 
 from llamafuse.convert.sources import open_source
 from llamafuse.convert.write import convert
 from llamafuse.formats import RankLayout, load_manifest
 from llamafuse.runtime import hellaswag
-from llamafuse.runtime.evaluate import item_batch, pack, sequences
-from llamafuse.runtime.load import fast_path, load_rank
-from llamafuse.runtime.model import BlockAttention, FlexAttention, Model
+from llamafuse.formats.tokenizer import read_tokenizer
+from llamafuse.runtime.attention import BlockAttention, FlexAttention, choose_attention
+from llamafuse.runtime.evaluate import prepare
+from llamafuse.runtime.load import load_rank
+from llamafuse.runtime.model import Model
 from llamafuse.runtime.packing import make_batch, pack_groups, prefix_forest
 
 
@@ -23,9 +24,13 @@ def stories(tmp_path_factory, stories_meta: Path, data_dir: Path):
     out = tmp_path_factory.mktemp("model") / "stories"
     convert(open_source(stories_meta), out, 1, "float32", progress=False)
     m = load_manifest(out)
-    sp = spm.SentencePieceProcessor(model_file=str(out / m.tokenizer))
+    tok = read_tokenizer(out / m.tokenizer.file, m.config.vocab_size)
     docs = hellaswag.load_docs(str(data_dir / "hellaswag" / "hellaswag_val.jsonl.gz"), 8)
-    return m, load_rank(out, m, 0, torch.device("cpu")), hellaswag.build_items(docs, sp, True)
+    return m, load_rank(out, m, 0, torch.device("cpu")), hellaswag.build_items(docs, tok, m.tokenizer.bos_id)
+
+
+def sequences(item: hellaswag.Item) -> list[list[int]]:
+    return [r.inputs for r in item.group().requests]
 
 
 def shared_sequences(rng: random.Random, n: int = 12) -> list[list[int]]:
@@ -81,7 +86,7 @@ def test_pack_groups_fits_the_budget_and_keeps_groups_whole(budget):
 
 def test_pack_places_every_item_once_within_budget_sharing_prefixes(stories):
     _, _, items = stories
-    batches = pack(items, 300)
+    batches = pack_groups([sequences(it) for it in items], 300)
     assert sorted(i for b in batches for i in b) == list(range(len(items)))
     sizes = [len(prefix_forest([s for i in b for s in sequences(items[i])])) for b in batches]
     assert all(n <= 300 or len(b) == 1 for n, b in zip(sizes, batches))
@@ -89,6 +94,7 @@ def test_pack_places_every_item_once_within_budget_sharing_prefixes(stories):
     assert sum(sizes) < alone < sum(it.n_tokens for it in items)  # shared across and within items
 
 
+@pytest.mark.slow
 def test_sm80_path_pieces_equal_the_sdpa_mask_path(stories):
     """The pieces of the sm80+ path give the same log-likelihoods on the CPU as the SDPA-with-mask
     path used on the CPU and on V100s: FlexAttention over a batch padded to a fixed length, and a
@@ -96,26 +102,29 @@ def test_sm80_path_pieces_equal_the_sdpa_mask_path(stories):
     inside a compiled block, so the combination itself runs only on the GPU benchmark.)"""
     m, tensors, items = stories
     lay = RankLayout(m.config, 1, 0)
-    ib = item_batch(items[:5])
-    ref = Model(m.config, lay, tensors, None, BlockAttention()).target_logprobs(*ib[:3])
-    padded = item_batch(items[:5], pad_to=ib.tokens + m.config.max_seq_len + 5)
-    flex = Model(m.config, lay, tensors, None, FlexAttention()).target_logprobs(*padded[:3])
+    groups = [it.group() for it in items[:5]]
+    ib = prepare(groups)
+    ref, ref_greedy = Model(m.config, lay, tensors, None, BlockAttention()).target_logprobs(*ib[:3])
+    padded = prepare(groups, pad_to=ib.tokens + m.config.max_seq_len + 5)
+    flex, greedy = Model(m.config, lay, tensors, None, FlexAttention()).target_logprobs(*padded[:3])
     assert torch.allclose(flex, ref, atol=1e-4), (flex - ref).abs().max()
-    compiled = Model(m.config, lay, tensors, None, BlockAttention(), compile=True).target_logprobs(*ib[:3])
+    assert torch.equal(greedy, ref_greedy)
+    compiled, greedy = Model(m.config, lay, tensors, None, BlockAttention(), compile=True).target_logprobs(*ib[:3])
     assert torch.allclose(compiled, ref, atol=1e-4), (compiled - ref).abs().max()
+    assert torch.equal(greedy, ref_greedy)
 
 
-def test_fast_path_choice_on_cpu():
-    attn, compile = fast_path(torch.device("cpu"), 128)
-    assert isinstance(attn, BlockAttention) and not compile
-    attn, compile = fast_path(torch.device("cpu"), 128, "flex")
-    assert isinstance(attn, FlexAttention) and not compile
+def test_attention_choice_on_cpu():
+    attn, compile = choose_attention(torch.device("cpu"), 128)
+    assert isinstance(attn, BlockAttention) and not attn.fixed_shape and not compile
+    attn, compile = choose_attention(torch.device("cpu"), 128, "flex")
+    assert isinstance(attn, FlexAttention) and attn.fixed_shape and not compile
 
 
 def test_out_of_memory_is_one_clear_error(stories):
     """A CUDA out-of-memory in the loop becomes a LlamafuseError suggesting a smaller batch."""
     from llamafuse.formats import LlamafuseError
-    from llamafuse.runtime.evaluate import Settings, score_items
+    from llamafuse.runtime.evaluate import Settings, score_groups
     from llamafuse.runtime.parallel import Context
 
     class Exhausted(Model):
@@ -125,4 +134,4 @@ def test_out_of_memory_is_one_clear_error(stories):
     model = Exhausted(m.config, RankLayout(m.config, 1, 0), tensors)
     ctx = Context(0, 1, 1, torch.device("cpu"), None, 0, 0, 1)
     with pytest.raises(LlamafuseError, match="--batch-tokens 4096; try --batch-tokens 2048"):
-        score_items(ctx, model, items, Settings(4096, None, progress=False))
+        score_groups(ctx, model, [it.group() for it in items], Settings(4096, progress=False))

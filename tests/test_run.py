@@ -25,9 +25,10 @@ from llamafuse.convert.write import convert
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoints import llama30b_like  # noqa: E402
-from harness_reference import harness_metrics, harness_predictions, harness_scores, requests  # noqa: E402
+from conftest import DATA  # noqa: E402
+from harness_reference import (encode_pair, harness_metrics, harness_predictions, harness_scores,  # noqa: E402
+                               loglikelihood, requests)
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 VAL = DATA / "hellaswag" / "hellaswag_val.jsonl.gz"
 LLAMA_TOK = DATA / "llama-tokenizer" / "tokenizer.model"
 STORIES_META = DATA / "stories260K" / "meta"
@@ -69,7 +70,10 @@ def read_docs(n: int) -> list[dict]:
 
 
 def read_samples(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The item records of a samples file (its first line says which run wrote it)."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert set(lines[0]) == {"llamafuse_run"}, lines[0]
+    return lines[1:]
 
 
 def hellaswag(folder: Path, out: Path, name: str, *extra, limit: int, batch_tokens: int = 300,
@@ -205,28 +209,35 @@ def big_runs(work, big_outs) -> dict[bool, dict]:
 # ---------------------------------------------------------------- 1, 2: against the harness
 
 
-def test_reference_sanity(stories_src, stories_sp, stories_docs):
-    """The harness re-implementation itself: a pretrained model prefers the real text, and BOS
-    changes the tokenization as the harness does (prefix on both context and whole)."""
+def test_reference_sanity(stories_src, stories_sp, llama_sp, stories_docs):
+    """The harness re-implementation itself: BOS prefixes both context and whole as the harness
+    does, a context's trailing space moves to the continuation, and the pretrained stories260K
+    prefers a real sentence to the same words scrambled."""
     reqs_bos = requests(stories_docs[0], stories_sp, True)
     reqs_nob = requests(stories_docs[0], stories_sp, False)
     for (cb, eb), (cn, en) in zip(reqs_bos, reqs_nob):
         assert cb == [stories_sp.bos_id()] + cn and eb == en and eb
-    # Trailing-space rule: a context ending in a space gives the space to the continuation.
-    doc = {**stories_docs[0], "ctx_b": ""}
-    ctx, _ = requests(doc, stories_sp, False)[0]
-    assert stories_sp.decode(ctx) == stories_sp.decode(ctx).rstrip()
+    ctx, cont = encode_pair(llama_sp, "Lily went home ", "and slept.", False)  # LLaMA's keeps spaces
+    assert ctx == llama_sp.encode("Lily went home") != llama_sp.encode("Lily went home ")
+    assert ctx + cont == llama_sp.encode("Lily went home and slept.")
+    ctx, real = encode_pair(stories_sp, "Once upon a time, there was a little girl named", " Lily.", True)
+    _, scrambled = encode_pair(stories_sp, "Once upon a time, there was a little girl named", " the.", True)
+    assert loglikelihood(stories_src, ctx, real) > loglikelihood(stories_src, ctx, scrambled) + 1
 
 
 @pytest.mark.parametrize("bos", [True, False], ids=["bos", "no-bos"])
 def test_stories_matches_harness(bos, stories_runs, stories_src, stories_sp, stories_docs, stories_out):
-    from llamafuse.runtime.evaluate import pack, sequences
+    from llamafuse.formats.tokenizer import read_tokenizer
     from llamafuse.runtime.hellaswag import build_items, load_docs
-    from llamafuse.runtime.packing import prefix_forest
+    from llamafuse.runtime.packing import pack_groups, prefix_forest
+
+    def sequences(item):
+        return [r.inputs for r in item.group().requests]
 
     # Precondition: --batch-tokens 300 really packs several items per batch, in unequal batches.
-    items = build_items(load_docs(str(VAL), N_STORIES), stories_sp, bos)
-    batches = pack(items, 300)
+    tok = read_tokenizer(stories_out / "tokenizer.model", 512)
+    items = build_items(load_docs(str(VAL), N_STORIES), tok, 1 if bos else None)
+    batches = pack_groups([sequences(it) for it in items], 300)
     assert 1 < len(batches) < len(items)
     assert max(map(len, batches)) >= 2 and len({len(b) for b in batches}) > 1
     # ... and items in a batch share prefixes, so the comparison covers cross-item sharing.
@@ -323,9 +334,9 @@ def test_results_and_samples_fields(stories_runs, stories_docs, stories_sp, stor
     assert distinct <= t["tokens"] < per_item
     s = r["settings"]
     assert s["model"] == str(stories_out) and s["dtype"] == "float32" and s["tp"] == 1
-    assert s["replicas"] == 1 and s["device"] == "cpu" and s["bos"] is True
+    assert s["replicas"] == 1 and s["device"] == "cpu"
     assert s["batch_tokens"] == 300 and s["limit"] == N_STORIES and s["data"] == str(VAL)
-    assert run["results"]["settings"]["bos"] is True and stories_runs[False]["results"]["settings"]["bos"] is False
+    assert s["bos"] is True and stories_runs[False]["results"]["settings"]["bos"] is False
 
     for rec in run["records"]:
         assert set(rec) == {"doc_id", "ind", "label", "lls", "pred", "pred_norm"}
@@ -357,9 +368,9 @@ def test_json_flag_prints_results(work, stories_out):
 def test_resume(work, stories_out):
     first = hellaswag(stories_out, work, "resume-a", limit=20)
     samples = work / "resume.samples.jsonl"
-    lines = first["samples_path"].read_text().splitlines(keepends=True)
-    samples.write_text("".join(lines[:7]) + lines[7][:25])  # killed in the middle of line 8
-    kept = {json.loads(line)["doc_id"] for line in lines[:7]}
+    lines = first["samples_path"].read_text().splitlines(keepends=True)  # the run's line, then 20 items
+    samples.write_text("".join(lines[:8]) + lines[8][:25])  # killed in the middle of the 8th item
+    kept = {json.loads(line)["doc_id"] for line in lines[1:8]}
 
     out = work / "resume-b.json"
     p = llama_run("hellaswag", stories_out, "--data", VAL, "--limit", 20, "--device", "cpu",
@@ -529,19 +540,19 @@ def _bad_case(case: str, work: Path, stories_out: Path) -> tuple[list, str]:
     if case == "tokenizer-vocab":
         _copy(stories_out, d)
         shutil.copyfile(LLAMA_TOK, d / "tokenizer.model")
-        return [d, *base], "32000"
+        return [d, *base], "differs from the tokenizer the manifest records"
     if case == "row-missing-field":
         rows = read_docs(3)
         del rows[1]["ctx_b"]
         f = d.with_suffix(".jsonl")
         f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return [stories_out, "--data", f, "--device", "cpu"], "row 1: missing field 'ctx_b'"
+        return [stories_out, "--data", f, "--device", "cpu"], "line 2: missing field 'ctx_b'"
     if case == "label-out-of-range":
         rows = read_docs(3)
         rows[2]["label"] = "4"
         f = d.with_suffix(".jsonl")
         f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return [stories_out, "--data", f, "--device", "cpu"], "row 2"
+        return [stories_out, "--data", f, "--device", "cpu"], "line 3"
     if case == "data-not-found":
         return [stories_out, "--data", work / "nowhere" / "hellaswag.jsonl", "--device", "cpu"], "nowhere"
     if case == "output-exists":

@@ -1,0 +1,106 @@
+"""Attention over a packed prefix forest: two backends for one rule, and which one a device gets.
+
+Query q sees key k iff k <= q < end[k] (packing.py). `prepare(batch)` builds what every layer of
+one batch shares; calling the backend with q [N, H, hd], k/v [N, KV, hd] gives [N, H*hd].
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .packing import Batch
+
+
+class BlockAttention:
+    """SDPA per block of Q consecutive queries against the keys that block can see.
+
+    In depth-first order the keys visible to queries a..a+Q-1 are the ancestors of token a
+    (the k < a with end[k] > a) and the block itself, so each block becomes a small dense
+    problem with an explicit boolean mask. Works on the CPU and on every CUDA capability
+    (on sm70 the memory-efficient kernel takes the mask). Batches may have any length.
+    """
+    fixed_shape = False
+
+    def __init__(self, block: int = 128):
+        self.block = block
+
+    def prepare(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key index [C, D+Q] into the row, mask [C, 1, Q, D+Q]) for C query blocks."""
+        end, Q = b.end, self.block
+        N = end.numel()
+        C = -(-N // Q)
+        ar = torch.arange(N, device=end.device)
+        first = torch.arange(C, device=end.device) * Q                            # [C]
+        ancestor = (ar[None, :] < first[:, None]) & (end[None, :] > first[:, None])  # [C, N]
+        D = -(-int(ancestor.sum(1).max()) // 16) * 16                             # keys padded to 16s
+        anc = torch.where(ancestor, ar, N).sort(dim=1).values[:, :D]              # N marks padding
+        if anc.shape[1] < D:
+            anc = F.pad(anc, (0, D - anc.shape[1]), value=N)
+        own = first[:, None] + torch.arange(Q, device=end.device)                 # [C, Q]
+        keys = torch.cat([anc, own], 1)                                           # [C, D+Q]
+        valid = keys < N
+        keys = keys.clamp(max=N - 1)
+        q = own.clamp(max=N - 1)                                                  # padded queries repeat N-1
+        mask = valid[:, None, :] & (keys[:, None, :] <= q[:, :, None]) & (q[:, :, None] < end[keys][:, None, :])
+        return keys, mask[:, None]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any) -> torch.Tensor:
+        keys, mask = state
+        N, H, hd = q.shape
+        C, Q = mask.shape[0], mask.shape[2]
+        qp = F.pad(q, (0, 0, 0, 0, 0, C * Q - N)).view(C, Q, H, hd).transpose(1, 2)  # [C, H, Q, hd]
+        kp, vp = k[keys].transpose(1, 2), v[keys].transpose(1, 2)                    # [C, KV, D+Q, hd]
+        if kp.shape[1] != H:
+            kp, vp = kp.repeat_interleave(H // kp.shape[1], 1), vp.repeat_interleave(H // vp.shape[1], 1)
+        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask)                # [C, H, Q, hd]
+        return o.transpose(1, 2).reshape(C * Q, H * hd)[:N]
+
+
+class FlexAttention:
+    """FlexAttention over the packed row with a block-sparse mask (no padding, no copies).
+
+    For sm80+ GPUs. Its kernels are compiled for one batch length, so every batch must be padded
+    to the same length (`fixed_shape`). `block` is the mask's (query, key) tile: tiles with no
+    visible pair are skipped.
+    """
+    fixed_shape = True
+
+    def __init__(self, block: tuple[int, int] = (128, 64)) -> None:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        self.block = block
+        self._create = torch.compile(create_block_mask, dynamic=False)
+        self._flex = torch.compile(flex_attention, dynamic=False)
+
+    def prepare(self, b: Batch) -> Any:
+        end = b.end
+
+        def visible(_b: Any, _h: Any, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
+            return (ki <= qi) & (qi < end[ki])
+        n = end.numel()
+        return self._create(visible, None, None, n, n, device=end.device, BLOCK_SIZE=self.block)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any) -> torch.Tensor:
+        N, H, hd = q.shape
+        o = self._flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                       block_mask=state, enable_gqa=k.shape[1] != H)                # [1, H, N, hd]
+        return o[0].transpose(0, 1).reshape(N, H * hd)
+
+
+Attention = BlockAttention | FlexAttention
+ATTENTION_CHOICES = ("auto", "blocks", "flex")
+
+
+def choose_attention(device: torch.device, head_dim: int, requested: str = "auto") -> tuple[Attention, bool]:
+    """(backend, compile the transformer block?) for a device.
+
+    auto: FlexAttention and a torch.compile'd block on sm80+ GPUs; SDPA with explicit masks,
+    uncompiled, on the CPU and on older GPUs such as the V100 (sm70). FlexAttention needs
+    head_dim >= 16, so tiny models take the mask path everywhere. Only CUDA compiles the block.
+    """
+    modern = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    if requested == "auto":
+        requested = "flex" if modern and head_dim >= 16 else "blocks"
+    backend: Attention = FlexAttention() if requested == "flex" else BlockAttention()
+    return backend, modern and backend.fixed_shape
