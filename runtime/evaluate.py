@@ -131,16 +131,14 @@ class Readback:
 
 def score_batch(model: Model, groups: Sequence[Group], device: torch.device,
                 pad_to: int | None = None) -> tuple[Readback, int]:
-    """[requests, 2] float64 (log-likelihood, 1.0 if greedy) on its way to the host, and the
-    tokens run. Nothing here waits for the device."""
+    """[requests, 2] float64 (log-likelihood, tokens that were not the greedy choice) on its way
+    to the host, and the tokens run. Nothing here waits for the device."""
     p = prepare(groups, pad_to)
     rows, targets, slot = (to_device(x, device) for x in (p.rows, p.targets, p.slot))
     lp, greedy = model.target_logprobs(p.batch.to(device), rows, targets)
     n = sum(len(g.requests) for g in groups)
     out = torch.zeros(n, 2, dtype=torch.float64, device=device)
-    out[:, 0].index_add_(0, slot, lp.double())
-    out[:, 1] = 1.0
-    out[:, 1].index_reduce_(0, slot, greedy.double(), "amin")
+    out.index_add_(0, slot, torch.stack([lp.double(), (~greedy).double()], 1))
     return Readback(out), p.tokens
 
 
@@ -177,7 +175,7 @@ def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Sett
     def collect(gs: list[Group], result: Readback, tokens: int) -> None:
         nonlocal done_tokens
         per_group = _split(gs, result.get().tolist())    # waits for this batch only
-        bad = [g.key for g, s in zip(gs, per_group) if not all(math.isfinite(ll) for ll, _ in s)]
+        bad = sorted(g.key for g, s in zip(gs, per_group) if not all(math.isfinite(ll) for ll, _ in s))
         if bad:
             raise LlamafuseError(f"non-finite log-likelihoods (NaN or inf) for {settings.unit}(s) "
                                  f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''}: "
@@ -228,6 +226,6 @@ def _split(groups: Sequence[Group], flat: list[list[float]]) -> list[list[Score]
     out, i = [], 0
     for g in groups:
         n = len(g.requests)
-        out.append([(ll, greedy == 1.0) for ll, greedy in flat[i:i + n]])
+        out.append([(ll, misses == 0) for ll, misses in flat[i:i + n]])
         i += n
     return out
