@@ -103,3 +103,14 @@ def test_reader_enforces_the_format(odd_models: dict[str, Path], tmp_path: Path,
     (folder / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(LlamafuseError, match=message):
         check_rank_file(folder, load_manifest(folder), 0)
+
+
+@pytest.mark.parametrize("tp,changes,culprit", [
+    (3, {}, "8 attention heads"), (4, {"n_kv_heads": 6, "n_heads": 12}, "6 key/value heads"),
+    (2, {"ffn_dim": 101}, "feed-forward width 101"), (2, {"vocab_size": 513}, "vocabulary size 513")])
+def test_tp_errors_name_what_it_does_not_divide(tp: int, changes: dict, culprit: str) -> None:
+    from llamafuse.formats import ModelConfig, check_tp
+    c = ModelConfig(**{"dim": 96, "n_layers": 1, "n_heads": 8, "n_kv_heads": 2, "head_dim": 12, "ffn_dim": 100,
+                       "vocab_size": 512, "norm_eps": 1e-5, **changes})
+    with pytest.raises(LlamafuseError, match=f"--tp {tp} .*{culprit}"):
+        check_tp(c, tp)

@@ -501,6 +501,13 @@ def test_verify(work, stories_out):
     assert "rank-00-of-01.safetensors" in p.stderr and "sha256" in p.stderr
     assert "Traceback" not in p.stderr
 
+    swapped = work / "stories-other-tokenizer"       # the manifest vouches for the tokenizer too
+    shutil.copytree(stories_out, swapped)
+    with open(swapped / "tokenizer.model", "ab") as f:
+        f.write(b"\0")
+    p = llama_run("verify", swapped)
+    assert p.returncode == 1 and "tokenizer.model" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
 
 # ---------------------------------------------------------------- 9: bad input
 
