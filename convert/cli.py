@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from llamafuse.formats import LlamafuseError
-from llamafuse.formats.manifest import WEIGHT_DTYPES
+from llamafuse.formats import WEIGHT_DTYPES
 
 from .sources import open_source
 from .write import convert, size_text
@@ -21,7 +21,8 @@ from .write import convert, size_text
               help="Tensor-parallel ranks to write: must divide the heads, the ffn width and the vocabulary, "
                    "and divide or be a multiple of the key/value heads.")
 @click.option("--dtype", "dtype", default="float16", show_default=True, type=click.Choice(list(WEIGHT_DTYPES)),
-              help="Weight dtype on disk (rotary tables are always float32).")
+              help="Weight dtype on disk (rotary tables are always float32). float8: the four matrix products "
+                   "of each layer in e4m3 with per-row scales, the rest float16; runs on FP8 GPUs (sm89+).")
 @click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
               help="Positions covered by the rotary tables [default: from the checkpoint, else 2048].")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,

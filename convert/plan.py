@@ -5,8 +5,10 @@ from typing import Callable
 
 import torch
 
-from llamafuse.formats import ModelConfig, RankLayout
+from llamafuse.formats import WEIGHT_DTYPES, ModelConfig, RankLayout
 from llamafuse.formats import names
+
+from .quantize import E4M3, quantize_rows
 
 
 def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -29,8 +31,10 @@ def _heads(w: torch.Tensor, heads: range, head_dim: int) -> torch.Tensor:
 
 
 def layer_tensors(get: Callable[[str], torch.Tensor], i: int, lay: RankLayout, rotary: str,
-                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The fused tensors of layer `i` for one rank. `get(part)` returns the full source tensor."""
+                  dtype: str) -> dict[str, torch.Tensor]:
+    """The fused tensors of layer `i` for one rank, in file order, in weight dtype `dtype`
+    (formats.WEIGHT_DTYPES; float8 matrices come with their scales). `get(part)` returns the
+    full source tensor."""
     c, hd = lay.config, lay.config.head_dim
     wq, wk = get("wq"), get("wk")
     if rotary == "interleaved":
@@ -48,17 +52,26 @@ def layer_tensors(get: Callable[[str], torch.Tensor], i: int, lay: RankLayout, r
         names.GATE_UP: torch.cat([get("w1")[ffn], get("w3")[ffn]]),
         names.DOWN: get("w2")[:, ffn],
     }
-    return {names.layer(i, k): t.to(dtype).contiguous() for k, t in out.items()}
+    matrix, other = WEIGHT_DTYPES[dtype]
+    tensors = {}
+    for part, t in out.items():
+        name = names.layer(i, part)
+        if part in names.MATRICES and matrix == E4M3:
+            tensors[name], tensors[names.scale(name)] = quantize_rows(t)
+        else:
+            tensors[name] = t.to(matrix if part in names.MATRICES else other).contiguous()
+    return tensors
 
 
-def head_tensors(get: Callable[[str], torch.Tensor], dtype: torch.dtype,
+def head_tensors(get: Callable[[str], torch.Tensor], dtype: str,
                  rope: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What every rank file starts with: the replicated embedding and the rotary tables."""
-    return {names.EMBED: get("embed").to(dtype).contiguous(), names.ROPE_COS: rope[0], names.ROPE_SIN: rope[1]}
+    other = WEIGHT_DTYPES[dtype][1]
+    return {names.EMBED: get("embed").to(other).contiguous(), names.ROPE_COS: rope[0], names.ROPE_SIN: rope[1]}
 
 
-def tail_tensors(get: Callable[[str], torch.Tensor], lay: RankLayout, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def tail_tensors(get: Callable[[str], torch.Tensor], lay: RankLayout, dtype: str) -> dict[str, torch.Tensor]:
     """What every rank file ends with: the final norm and its rows of the vocab-parallel output head."""
-    vocab = slice(lay.vocab.start, lay.vocab.stop)
-    return {names.NORM: get("norm").to(dtype).contiguous(),
-            names.OUTPUT: get("output")[vocab].to(dtype, copy=True)}  # a copy: no rank pins the whole head
+    vocab, other = slice(lay.vocab.start, lay.vocab.stop), WEIGHT_DTYPES[dtype][1]
+    return {names.NORM: get("norm").to(other).contiguous(),
+            names.OUTPUT: get("output")[vocab].to(other, copy=True)}  # a copy: no rank pins the whole head

@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from llamafuse.formats import LlamafuseError, Manifest, RankFile, RankLayout, check_tp
 from llamafuse.formats.layout import rank_tensor_specs
-from llamafuse.formats.manifest import MANIFEST, WEIGHT_DTYPES, TokenizerRecord, rank_file_name, rank_metadata
+from llamafuse.formats.layout import WEIGHT_DTYPES
+from llamafuse.formats.manifest import MANIFEST, TokenizerRecord, rank_file_name, rank_metadata
 from llamafuse.formats.tensorfile import fsync, plan_header, write_tensor
 from llamafuse.formats.tokenizer import TokenizerFile, make_tokenizer
 
@@ -43,7 +44,7 @@ def check_destination(out: Path, src: Path, force: bool) -> None:
         raise LlamafuseError(f"{out}: exists and is not empty (use --force to write into it)")
 
 
-def _groups(src: Source, tp: int, dtype: torch.dtype) -> Iterator[list[dict[str, torch.Tensor]]]:
+def _groups(src: Source, tp: int, dtype: str) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Per group (head, each layer, tail): one dict of fused tensors per rank, in file order."""
     c = src.config
     lays = [RankLayout(c, tp, r) for r in range(tp)]
@@ -66,9 +67,8 @@ def _cached(src: Source, prefix: str) -> Callable[[str], torch.Tensor]:
     return get
 
 
-def _write_shards(src: Source, tmp: Path, tp: int, dtype: torch.dtype, progress: bool) -> list[RankFile]:
-    specs = rank_tensor_specs(src.config, tp)
-    entries = [(n, torch.float32 if rope else dtype, shape) for n, shape, rope in specs]
+def _write_shards(src: Source, tmp: Path, tp: int, dtype: str, progress: bool) -> list[RankFile]:
+    entries = [(t.name, t.dtype, t.shape) for t in rank_tensor_specs(src.config, tp, dtype)]
     header, offsets = plan_header(entries, rank_metadata(tp))
     payload = sum(d.itemsize * math.prod(s) for _, d, s in entries)
     size = offsets[0] + payload
@@ -103,9 +103,9 @@ def _write_shards(src: Source, tmp: Path, tp: int, dtype: torch.dtype, progress:
     return [RankFile(r, rank_file_name(r, tp), size, h.hexdigest()) for r, h in enumerate(hashes)]
 
 
-def planned_bytes(src: Source, tp: int, dtype: torch.dtype) -> int:
-    specs = rank_tensor_specs(src.config, tp)
-    return tp * (sum(math.prod(s) * (4 if rope else dtype.itemsize) for _, s, rope in specs) + (1 << 20))
+def planned_bytes(src: Source, tp: int, dtype: str) -> int:
+    specs = rank_tensor_specs(src.config, tp, dtype)
+    return tp * (sum(math.prod(t.shape) * t.dtype.itemsize for t in specs) + (1 << 20))
 
 
 def size_text(n: int) -> str:
@@ -113,14 +113,13 @@ def size_text(n: int) -> str:
     return tqdm.format_sizeof(n, suffix="B", divisor=1000)
 
 
-def convert(src: Source, out: Path, tp: int, dtype_name: str, force: bool = False,
+def convert(src: Source, out: Path, tp: int, dtype: str, force: bool = False,
             tokenizer: Path | None = None, progress: bool = True) -> Summary:
     """Convert `src` into `out`. Nothing appears in `out` until every file is complete."""
     t0 = time.perf_counter()
     out = Path(out)
-    if dtype_name not in WEIGHT_DTYPES:
-        raise LlamafuseError(f"--dtype {dtype_name!r} is not one of {', '.join(WEIGHT_DTYPES)}")
-    dtype = WEIGHT_DTYPES[dtype_name]
+    if dtype not in WEIGHT_DTYPES:
+        raise LlamafuseError(f"--dtype {dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
     check_tp(src.config, tp)
     check_destination(out, src.path, force)
     tok = src.tokenizer_file(tokenizer)
@@ -137,7 +136,7 @@ def convert(src: Source, out: Path, tp: int, dtype_name: str, force: bool = Fals
         raise LlamafuseError(f"{out.parent}: cannot create a temporary folder ({e.strerror or e})") from None
     try:
         ranks = _write_shards(src, tmp, tp, dtype, progress)
-        manifest = Manifest(src.config, dtype_name, tp, tuple(ranks), _write_tokenizer(tok, tmp),
+        manifest = Manifest(src.config, dtype, tp, tuple(ranks), _write_tokenizer(tok, tmp),
                             {"layout": src.layout, "path": str(src.path.resolve())})
         (tmp / MANIFEST).write_text(manifest.to_json())
         _publish(tmp, out)

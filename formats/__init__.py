@@ -4,10 +4,10 @@ Both the converter and the runtime import from here; nothing else defines a tens
 """
 from .config import ModelConfig
 from .errors import LlamafuseError
-from .layout import RankLayout, check_tp, rank_tensor_specs
+from .layout import WEIGHT_DTYPES, RankLayout, TensorSpec, check_tp, rank_tensor_specs
 from .manifest import FORMAT_NAME, FORMAT_VERSION, Manifest, RankFile, load_manifest
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "LlamafuseError", "Manifest", "ModelConfig", "RankFile",
-    "RankLayout", "check_tp", "load_manifest", "rank_tensor_specs",
+    "RankLayout", "TensorSpec", "WEIGHT_DTYPES", "check_tp", "load_manifest", "rank_tensor_specs",
 ]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from . import names
 from .config import ModelConfig
 from .errors import LlamafuseError
@@ -68,18 +70,30 @@ class RankLayout:
         return range(self.rank * n, (self.rank + 1) * n)
 
 
-def rank_tensor_specs(config: ModelConfig, tp: int) -> list[tuple[str, tuple[int, ...], bool]]:
-    """(name, shape, is_rope_table) for every tensor of one rank file, in file order.
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
-    All ranks hold the same names and shapes; rope tables are float32, the rest the shard dtype.
-    """
+
+# Weight dtypes a converted model may have: (dtype of the four big matrices per layer, of the rest).
+# float8: e4m3 matrices with a float32 scale per output row; embedding, norms and head in float16.
+WEIGHT_DTYPES: dict[str, tuple[torch.dtype, torch.dtype]] = {
+    "float16": (torch.float16, torch.float16), "bfloat16": (torch.bfloat16, torch.bfloat16),
+    "float32": (torch.float32, torch.float32), "float8": (torch.float8_e4m3fn, torch.float16),
+}
+
+
+def rank_tensor_specs(config: ModelConfig, tp: int, dtype: str) -> list[TensorSpec]:
+    """Every tensor of one rank file, in file order. All ranks hold the same names and shapes;
+    rotary tables and float8 scales are float32."""
+    matrix, other = WEIGHT_DTYPES[dtype]
     lay = RankLayout(config, tp, 0)
-    d, hd = config.dim, config.head_dim
-    specs: list[tuple[str, tuple[int, ...], bool]] = [
-        (names.EMBED, (config.vocab_size, d), False),
-        (names.ROPE_COS, (config.max_seq_len, hd // 2), True),
-        (names.ROPE_SIN, (config.max_seq_len, hd // 2), True),
-    ]
+    d, hd, f32 = config.dim, config.head_dim, torch.float32
+    specs = [TensorSpec(names.EMBED, (config.vocab_size, d), other),
+             TensorSpec(names.ROPE_COS, (config.max_seq_len, hd // 2), f32),
+             TensorSpec(names.ROPE_SIN, (config.max_seq_len, hd // 2), f32)]
     per_layer = {
         names.ATTN_NORM: (d,),
         names.QKV: ((lay.n_heads + 2 * lay.n_kv_heads) * hd, d),
@@ -89,6 +103,13 @@ def rank_tensor_specs(config: ModelConfig, tp: int) -> list[tuple[str, tuple[int
         names.DOWN: (d, len(lay.ffn)),
     }
     for i in range(config.n_layers):
-        specs += [(names.layer(i, part), per_layer[part], False) for part in names.LAYER_PARTS]
-    specs += [(names.NORM, (d,), False), (names.OUTPUT, (len(lay.vocab), d), False)]
+        for part in names.LAYER_PARTS:
+            name, shape = names.layer(i, part), per_layer[part]
+            if part in names.MATRICES:
+                specs.append(TensorSpec(name, shape, matrix))
+                if matrix.itemsize == 1:
+                    specs.append(TensorSpec(names.scale(name), shape[:1], f32))
+            else:
+                specs.append(TensorSpec(name, shape, other))
+    specs += [TensorSpec(names.NORM, (d,), other), TensorSpec(names.OUTPUT, (len(lay.vocab), d), other)]
     return specs

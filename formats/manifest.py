@@ -11,13 +11,12 @@ import torch
 
 from .config import ModelConfig
 from .errors import LlamafuseError
-from .layout import check_tp
+from .layout import WEIGHT_DTYPES, check_tp
 from .tokenizer import TOKENIZER_FILES
 
 FORMAT_NAME = "llamafuse-shards"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-WEIGHT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ROTARY = "rotate-half"  # the only on-disk rotary convention: pairs (i, i + head_dim/2)
 
 
@@ -50,7 +49,8 @@ class Manifest:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return WEIGHT_DTYPES[self.dtype]
+        """The dtype of the activations, embedding, norms and head (float16 for float8 models)."""
+        return WEIGHT_DTYPES[self.dtype][1]
 
     def files(self) -> list[tuple[str, int, str]]:
         """(file name, bytes, sha256) of every file the manifest vouches for."""

@@ -14,7 +14,13 @@ GATE_UP = "gate_up"      # [2 * ffn_local, dim]: rows gate (w1) | up (w3)
 DOWN = "down"            # [dim, ffn_local], row-parallel
 
 LAYER_PARTS = (ATTN_NORM, QKV, O, FFN_NORM, GATE_UP, DOWN)
+MATRICES = (QKV, O, GATE_UP, DOWN)   # the products float8 models store in e4m3
 
 
 def layer(i: int, part: str) -> str:
     return f"layers.{i}.{part}"
+
+
+def scale(name: str) -> str:
+    """[rows] float32: per-output-row dequantization scale of a float8 matrix (float8 models only)."""
+    return f"{name}.scale"

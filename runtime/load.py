@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch
 
-from llamafuse.formats import LlamafuseError, Manifest, RankLayout, rank_tensor_specs
+from llamafuse.formats import LlamafuseError, Manifest, RankLayout, names, rank_tensor_specs
 from llamafuse.formats.manifest import rank_metadata
 from llamafuse.formats.tensorfile import MappedFile, TensorInfo, read_header
 
 from .attention import choose_attention
+from .fp8 import check_fp8_device
 from .model import Model
 from .parallel import Context, first_error
 
@@ -32,16 +33,15 @@ def check_rank_file(folder: Path, manifest: Manifest, rank: int) -> tuple[dict[s
     infos, meta = read_header(path)
     if meta != rank_metadata(manifest.tp):
         raise LlamafuseError(f"{path}: __metadata__ is {meta}, expected {rank_metadata(manifest.tp)}")
-    specs = rank_tensor_specs(manifest.config, manifest.tp)
-    if list(infos) != [n for n, _, _ in specs]:
-        missing = sorted({n for n, _, _ in specs} - set(infos))[:3]
+    specs = rank_tensor_specs(manifest.config, manifest.tp, manifest.dtype)
+    if list(infos) != [s.name for s in specs]:
+        missing = sorted({s.name for s in specs} - set(infos))[:3]
         what = f"missing e.g. {missing}" if missing else "not in the format's order"
         raise LlamafuseError(f"{path}: tensors do not match the format ({what})")
-    for name, shape, rope in specs:
-        want = torch.float32 if rope else manifest.torch_dtype
-        t = infos[name]
-        if t.shape != shape or t.dtype != want:
-            raise LlamafuseError(f"{path}: tensor '{name}' is {t.dtype} {t.shape}, expected {want} {shape}")
+    for s in specs:
+        t = infos[s.name]
+        if t.shape != s.shape or t.dtype != s.dtype:
+            raise LlamafuseError(f"{path}: tensor '{s.name}' is {t.dtype} {t.shape}, expected {s.dtype} {s.shape}")
     return infos, meta
 
 
@@ -107,6 +107,8 @@ def open_model(ctx: Context, folder: Path, manifest: Manifest, attention: str = 
     error = first_error(ctx, error)
     if error:
         raise LlamafuseError(error)
+    if manifest.dtype == "float8":
+        check_fp8_device(ctx.device, [t.shape for n, t in tensors.items() if n.endswith(tuple(names.MATRICES))])
     backend, compile = choose_attention(ctx.device, manifest.config.head_dim, attention)
     return Model(manifest.config, RankLayout(manifest.config, manifest.tp, ctx.tp_rank), tensors, ctx.tp_group,
                  backend, compile)

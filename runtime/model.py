@@ -16,11 +16,17 @@ from llamafuse.formats import ModelConfig, RankLayout
 from llamafuse.formats import names
 
 from .attention import Attention, BlockAttention
+from .fp8 import fp8_linear
 from .packing import Batch
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * w
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x @ w.T; float8 weights (with their per-row scale) take the float8 product."""
+    return x @ w.T if scale is None else fp8_linear(x, w, scale)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -48,22 +54,25 @@ class Model:
         return x
 
     def layer(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Any) -> torch.Tensor:
-        return self._block(h, cos, sin, attn, *(self.w[names.layer(i, p)] for p in names.LAYER_PARTS))
+        weights = [self.w[names.layer(i, p)] for p in names.LAYER_PARTS]
+        scales = [self.w.get(names.scale(names.layer(i, p))) for p in names.MATRICES]  # float8 only
+        return self._block(h, cos, sin, attn, *weights, *scales)
 
     def _block(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Any, attn_norm: torch.Tensor,
                qkv: torch.Tensor, o: torch.Tensor, ffn_norm: torch.Tensor, gate_up: torch.Tensor,
-               down: torch.Tensor) -> torch.Tensor:
+               down: torch.Tensor, *scales: torch.Tensor | None) -> torch.Tensor:
         """One transformer block; weights are arguments so a compiled block serves every layer."""
         eps, hd = self.c.norm_eps, self.c.head_dim
+        qkv_s, o_s, gate_up_s, down_s = scales
         x = rms_norm(h, attn_norm, eps)
-        q, k, v = (x @ qkv.T).split([self.q_size, self.kv_size, self.kv_size], -1)
+        q, k, v = linear(x, qkv, qkv_s).split([self.q_size, self.kv_size, self.kv_size], -1)
         q = rotate(q.view(-1, self.lay.n_heads, hd), cos, sin)                  # [N, H, hd]
         k = rotate(k.view(-1, self.lay.n_kv_heads, hd), cos, sin)               # [N, KV, hd]
         a = self.attention(q, k, v.view(-1, self.lay.n_kv_heads, hd), attn)     # [N, H*hd]
-        h = h + self._all_reduce(a @ o.T)
+        h = h + self._all_reduce(linear(a, o, o_s))
         x = rms_norm(h, ffn_norm, eps)
-        gate, up = (x @ gate_up.T).chunk(2, dim=-1)                             # [N, ffn/tp] each
-        return h + self._all_reduce((F.silu(gate) * up) @ down.T)
+        gate, up = linear(x, gate_up, gate_up_s).chunk(2, dim=-1)               # [N, ffn/tp] each
+        return h + self._all_reduce(linear(F.silu(gate) * up, down, down_s))
 
     @torch.inference_mode()
     def logits(self, b: Batch) -> torch.Tensor:

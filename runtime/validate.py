@@ -13,7 +13,7 @@ from .packing import make_batch, prefix_forest
 from .parallel import Context
 
 # Relative L2 error allowed against a float64 reference, by shard dtype, and the top-1 agreement.
-TOLERANCE = {"float32": (1e-4, 1.0), "float16": (5e-3, 0.97), "bfloat16": (3e-2, 0.9)}
+TOLERANCE = {"float32": (1e-4, 1.0), "float16": (5e-3, 0.97), "bfloat16": (3e-2, 0.9), "float8": (8e-2, 0.85)}
 
 
 @dataclass(frozen=True)

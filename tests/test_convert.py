@@ -247,18 +247,18 @@ def test_manifest_describes_the_files(lab: Lab, stories_meta: Path) -> None:
     assert [r["rank"] for r in d["ranks"]] == [0, 1]
     assert sorted(os.listdir(folder)) == sorted([r["file"] for r in d["ranks"]] + ["manifest.json", "tokenizer.model"])
     m = load_manifest(folder)
-    specs = rank_tensor_specs(m.config, m.tp)
+    specs = rank_tensor_specs(m.config, m.tp, m.dtype)
     for r, rf in zip(d["ranks"], m.ranks):
         path = folder / r["file"]
         assert path.stat().st_size == r["bytes"] == rf.bytes
         assert sha256(path) == r["sha256"] == rf.sha256
         infos, meta = read_header(path)
         assert meta == {"format": FORMAT_NAME, "version": "2", "tp": "2"}
-        assert list(infos) == [n for n, _, _ in specs]   # file order is the format's order
+        assert list(infos) == [t.name for t in specs]    # file order is the format's order
         ts = list(infos.values())
         assert ts[0].begin % DATA_ALIGN == 0              # header padded to the boundary
         assert all(a.end == b.begin for a, b in zip(ts, ts[1:])) and ts[-1].end == path.stat().st_size
-        assert [t.shape for t in ts] == [shape for _, shape, _ in specs]
+        assert [t.shape for t in ts] == [t.shape for t in specs]
     assert d["ranks"][0]["sha256"] != d["ranks"][1]["sha256"]
 
 
