@@ -92,15 +92,21 @@ Attention = BlockAttention | FlexAttention
 ATTENTION_CHOICES = ("auto", "blocks", "flex")
 
 
-def choose_attention(device: torch.device, head_dim: int, requested: str = "auto") -> tuple[Attention, bool]:
-    """(backend, compile the transformer block?) for a device.
+# How the block around BlockAttention is compiled on a GPU (docs/performance.md, "The V100 path").
+BLOCKS_COMPILE_ON_CUDA: str | None = None
 
-    auto: FlexAttention and a torch.compile'd block on sm80+ GPUs; SDPA with explicit masks,
-    uncompiled, on the CPU and on older GPUs such as the V100 (sm70). FlexAttention needs
-    head_dim >= 16, so tiny models take the mask path everywhere. Only CUDA compiles the block.
+
+def choose_attention(device: torch.device, head_dim: int, requested: str = "auto") -> tuple[Attention, str | None]:
+    """(backend, how to compile the block: a Model `compile` mode) for a device.
+
+    auto: FlexAttention and one compiled graph per block on sm80+ GPUs; SDPA with explicit
+    masks on the CPU and on older GPUs such as the V100 (sm70), uncompiled on the CPU.
+    FlexAttention needs head_dim >= 16, so tiny models take the mask path everywhere.
     """
-    modern = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    cuda = device.type == "cuda"
+    modern = cuda and torch.cuda.get_device_capability(device) >= (8, 0)
     if requested == "auto":
         requested = "flex" if modern and head_dim >= 16 else "blocks"
-    backend: Attention = FlexAttention() if requested == "flex" else BlockAttention()
-    return backend, modern and backend.fixed_shape
+    if requested == "flex":
+        return FlexAttention(), "block" if modern else None
+    return BlockAttention(), BLOCKS_COMPILE_ON_CUDA if cuda else None

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import wraps
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +32,18 @@ VALIDATION_TEXTS = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside.",
     "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
 )
+
+
+_IMPORTED = time.monotonic()
+
+
+def process_age() -> float:
+    """Seconds since this process started (from /proc on Linux; else since this module loaded)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.monotonic() - _IMPORTED
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -218,13 +231,15 @@ def _hellaswag_job(model: Path, data: str | None, limit: int | None, bos: bool |
 def _hellaswag_run(job: HellaswagJob, samples: Path | None, done: dict[int, list[float]]) -> tuple[RunResult, dict]:
     """Score the items not in `done`; returns the run's result and every item's log-likelihoods."""
     lls = dict(done)
-    result = RunResult({}, 0.0, 0.0, 0.0, 0, job.replicas, job.device)
+    result = RunResult({}, 0.0, 0.0, 0.0, 0, job.replicas, job.device, process_age())
     if len(done) < len(job.items) or launched_rank() is not None:  # under torchrun all ranks take part
         sink = SampleWriter(samples, {it.doc_id: it for it in job.items}) if samples else None
+        started = process_age()
         result = launch(score_worker, job.manifest.tp, job.replicas, job.device, job.folder, job.manifest,
                         job.groups, job.settings, sink, frozenset(done))
         if result is None:  # a non-zero rank under torchrun: rank 0 reports
             sys.exit(0)
+        result = replace(result, started_s=started)
         lls.update({k: [ll for ll, _ in s] for k, s in result.scores.items()})
     return result, lls
 
@@ -234,9 +249,12 @@ def _hellaswag_report(job: HellaswagJob, run: tuple[RunResult, dict], resumed: i
     r, lls = run
     m = job.manifest
     metrics = hellaswag.score(job.items, [lls[it.doc_id] for it in job.items])
+    wall = process_age()
     result = {
         "task": "hellaswag", **metrics,
-        "timing": {"load_s": round(r.load_s, 3), "eval_s": round(r.eval_s, 3), "first_batch_s": round(r.first_batch_s, 3),
+        "timing": {"wall_s": round(wall, 3), "startup_s": round(r.started_s, 3), "load_s": round(r.load_s, 3),
+                   "compile_s": round(r.first_batch_s, 3), "eval_s": round(r.eval_s, 3),
+                   "other_s": round(wall - r.started_s - r.load_s - r.eval_s, 3),
                    "tokens": r.tokens, "tokens_per_s": round(r.tokens / max(r.eval_s, 1e-9), 1),
                    "items": len(job.items) - resumed, "resumed_items": resumed},
         "settings": {"model": str(job.folder), "dtype": m.dtype, "tp": m.tp, "replicas": r.replicas,
@@ -251,8 +269,10 @@ def _hellaswag_report(job: HellaswagJob, run: tuple[RunResult, dict], resumed: i
                    f"|-----------|------:|-------:|-------:|---------:|-------:|\n"
                    f"| hellaswag | {metrics['n']:5d} | {100 * metrics['acc']:6.2f} | {100 * metrics['acc_stderr']:6.2f} "
                    f"| {100 * metrics['acc_norm']:8.2f} | {100 * metrics['acc_norm_stderr']:6.2f} |")
-        click.echo(f"load {t['load_s']:.1f} s, eval {t['eval_s']:.1f} s, {t['tokens']:,} tokens "
-                   f"({t['tokens_per_s']:,.0f} tok/s) on {job.device} (tp {m.tp} x {r.replicas} replica(s), {m.dtype})")
+        click.echo(f"wall {t['wall_s']:.1f} s: start-up {t['startup_s']:.1f} s, load {t['load_s']:.1f} s, "
+                   f"eval {t['eval_s']:.1f} s (first batch {t['compile_s']:.1f} s), other {t['other_s']:.1f} s; "
+                   f"{t['tokens']:,} tokens ({t['tokens_per_s']:,.0f} tok/s) on {job.device} "
+                   f"(tp {m.tp} x {r.replicas} replica(s), {m.dtype})")
     if output:
         try:
             _write_atomic(output, (json.dumps(result, indent=2) + "\n").encode())

@@ -67,6 +67,7 @@ class RunResult:
     tokens: int                      # forest tokens run (filler excluded)
     replicas: int
     device: str
+    started_s: float = 0.0           # process age when the run was launched (set by the caller)
 
 
 class Prepared(NamedTuple):
@@ -188,8 +189,8 @@ def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Sett
         bar.update(len(gs))
         bar.set_postfix_str(f"{done_tokens / (time.perf_counter() - t1):,.0f} tok/s", refresh=False)
 
-    if pad_to and ctx.is_main and settings.progress:
-        tqdm.write("compiling kernels for the first batch (minutes on a fresh machine, cached afterwards)")
+    if model.compiles:   # the first batch compiles kernels: a phase of its own in the progress bar
+        bar.set_description_str(f"{title}: compiling (minutes on a fresh machine, cached afterwards)")
     pending = None
     first_s = 0.0
     try:
@@ -202,6 +203,7 @@ def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Sett
             if k == 0:                                   # includes compilation: timed on its own
                 collect(*pending)
                 pending, first_s = None, time.perf_counter() - t1
+                bar.set_description_str(title)
         if pending:
             collect(*pending)
     except torch.cuda.OutOfMemoryError:

@@ -40,11 +40,19 @@ class Model:
 
     def __init__(self, config: ModelConfig, lay: RankLayout, tensors: dict[str, torch.Tensor],
                  group: dist.ProcessGroup | None = None, attention: Attention | None = None,
-                 compile: bool = False):
+                 compile: str | None = None):
+        """compile: None (eager), "block" (the whole block in one graph, for fixed-shape batches)
+        or "around-attention" (the work before and after an eager attention call, any length)."""
         self.c, self.lay, self.w, self.group = config, lay, tensors, group
         self.attention = attention or BlockAttention()
-        if compile:  # fuses norms, rotary, SiLU and residual adds; one graph for all layers
+        self.compiles = compile is not None
+        if compile == "block":  # fuses norms, rotary, SiLU and residual adds; one graph serves all layers
             self._block = torch.compile(self._block, dynamic=False)
+        elif compile == "around-attention":
+            self._pre = torch.compile(self._pre, dynamic=True)
+            self._post = torch.compile(self._post, dynamic=True)
+        elif compile is not None:
+            raise ValueError(f"compile must be None, 'block' or 'around-attention', not {compile!r}")
         self.q_size = lay.n_heads * config.head_dim
         self.kv_size = lay.n_kv_heads * config.head_dim
 
@@ -62,15 +70,27 @@ class Model:
                qkv: torch.Tensor, o: torch.Tensor, ffn_norm: torch.Tensor, gate_up: torch.Tensor,
                down: torch.Tensor, *scales: torch.Tensor | None) -> torch.Tensor:
         """One transformer block; weights are arguments so a compiled block serves every layer."""
-        eps, hd = self.c.norm_eps, self.c.head_dim
         qkv_s, o_s, gate_up_s, down_s = scales
-        x = rms_norm(h, attn_norm, eps)
+        q, k, v = self._pre(h, cos, sin, attn_norm, qkv, qkv_s)
+        a = self.attention(q, k, v, attn)                                       # [N, H*hd]
+        return self._post(h, a, o, o_s, ffn_norm, gate_up, gate_up_s, down, down_s)
+
+    def _pre(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_norm: torch.Tensor,
+             qkv: torch.Tensor, qkv_s: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Norm, the fused q/k/v product and rotary: q [N, H, hd], k and v [N, KV, hd]."""
+        hd = self.c.head_dim
+        x = rms_norm(h, attn_norm, self.c.norm_eps)
         q, k, v = linear(x, qkv, qkv_s).split([self.q_size, self.kv_size, self.kv_size], -1)
-        q = rotate(q.view(-1, self.lay.n_heads, hd), cos, sin)                  # [N, H, hd]
-        k = rotate(k.view(-1, self.lay.n_kv_heads, hd), cos, sin)               # [N, KV, hd]
-        a = self.attention(q, k, v.view(-1, self.lay.n_kv_heads, hd), attn)     # [N, H*hd]
+        q = rotate(q.view(-1, self.lay.n_heads, hd), cos, sin)
+        k = rotate(k.view(-1, self.lay.n_kv_heads, hd), cos, sin)
+        return q, k, v.view(-1, self.lay.n_kv_heads, hd)
+
+    def _post(self, h: torch.Tensor, a: torch.Tensor, o: torch.Tensor, o_s: torch.Tensor | None,
+              ffn_norm: torch.Tensor, gate_up: torch.Tensor, gate_up_s: torch.Tensor | None, down: torch.Tensor,
+              down_s: torch.Tensor | None) -> torch.Tensor:
+        """The attention output's product and residual, then the SwiGLU feed-forward and residual."""
         h = h + self._all_reduce(linear(a, o, o_s))
-        x = rms_norm(h, ffn_norm, eps)
+        x = rms_norm(h, ffn_norm, self.c.norm_eps)
         gate, up = linear(x, gate_up, gate_up_s).chunk(2, dim=-1)               # [N, ffn/tp] each
         return h + self._all_reduce(linear(F.silu(gate) * up, down, down_s))
 
