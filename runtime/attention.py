@@ -92,8 +92,10 @@ Attention = BlockAttention | FlexAttention
 ATTENTION_CHOICES = ("auto", "blocks", "flex")
 
 
-# How the block around BlockAttention is compiled on a GPU (docs/performance.md, "The V100 path").
-BLOCKS_COMPILE_ON_CUDA: str | None = None
+# How the block around BlockAttention is compiled on a GPU: compiling the work before and after the
+# attention call made one 30B layer 34.23 -> 30.86 ms on an H200 forced onto this path
+# (docs/bench/h200-run8-fp8.json; docs/performance.md, "The V100 path"). Not run on a V100.
+BLOCKS_COMPILE_ON_CUDA: str | None = "around-attention"
 
 
 def choose_attention(device: torch.device, head_dim: int, requested: str = "auto") -> tuple[Attention, str | None]:
