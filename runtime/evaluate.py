@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
@@ -61,9 +62,9 @@ class Settings:
 class RunResult:
     """What a run returns on global rank 0."""
     scores: dict[int, list[Score]]   # group key -> one Score per request
-    load_s: float
-    first_batch_s: float             # the first batch alone (includes compiling kernels)
-    eval_s: float                    # all batches, the first included
+    load_s: float                    # weights onto the device (the batches are packed meanwhile)
+    compile_s: float                 # compiling kernels on a filler batch before the first real one
+    eval_s: float                    # all batches
     tokens: int                      # forest tokens run (filler excluded)
     replicas: int
     device: str
@@ -146,29 +147,58 @@ def score_batch(model: Model, groups: Sequence[Group], device: torch.device,
 def score_worker(ctx: Context, folder: Path, manifest: Manifest, groups: list[Group], settings: Settings,
                  sink: Sink | None = None, skip: frozenset[int] = frozenset()) -> RunResult | None:
     """Every rank runs this: load the model, score the groups whose key global rank 0's `skip`
-    (already scored) lacks; the result on global rank 0."""
-    t0 = time.perf_counter()
+    (already scored) lacks; the result on global rank 0. A thread loads the weights and compiles
+    the kernels while this one packs the batches."""
     if ctx.world > 1:  # under torchrun only rank 0 has read the samples file
         box = [skip]
         dist.broadcast_object_list(box, src=0)
         skip = box[0]
     groups = [g for g in groups if g.key not in skip]
+    title = f"{settings.label} x{ctx.replicas}" if ctx.replicas > 1 else settings.label
+    bar = tqdm(total=len(groups), unit=settings.unit, dynamic_ncols=True, mininterval=1.0, delay=2.0,
+               disable=not (settings.progress and ctx.is_main), desc=f"{title}: loading weights")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            ready = pool.submit(_ready_model, ctx, folder, manifest, settings, bar, title)
+            batches = pack_groups([[r.inputs for r in g.requests] for g in groups], settings.batch_tokens)
+            model, load_s, compile_s = ready.result()
+        bar.set_description_str(title)
+        return score_groups(ctx, model, groups, settings, sink, batches, bar, load_s, compile_s)
+    finally:
+        bar.close()
+
+
+def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Settings, bar: tqdm,
+                 title: str) -> tuple[Model, float, float]:
+    """The loaded model with its kernels compiled; seconds spent loading and compiling."""
+    t0 = time.perf_counter()
     model = open_model(ctx, folder, manifest, settings.attention)
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
-    return score_groups(ctx, model, groups, settings, sink, load_s=time.perf_counter() - t0)
+    t1 = time.perf_counter()
+    if model.compiles:
+        bar.set_description_str(f"{title}: compiling (minutes on a fresh machine, cached afterwards)")
+        model.warm_up(settings.batch_tokens)
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)
+    return model, t1 - t0, time.perf_counter() - t1
 
 
-def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Settings,
-                 sink: Sink | None = None, load_s: float = 0.0) -> RunResult | None:
-    """Score this replica's share of the batches; global rank 0 gets everyone's scores."""
+def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Settings, sink: Sink | None = None,
+                 batches: list[list[int]] | None = None, bar: tqdm | None = None, load_s: float = 0.0,
+                 compile_s: float = 0.0) -> RunResult | None:
+    """Score this replica's share of `batches` (indices of `groups`; packed here if None);
+    global rank 0 gets everyone's scores."""
     pad_to = settings.batch_tokens if model.attention.fixed_shape else None
-    batches = pack_groups([[r.inputs for r in g.requests] for g in groups], settings.batch_tokens)
+    if batches is None:
+        batches = pack_groups([[r.inputs for r in g.requests] for g in groups], settings.batch_tokens)
     mine = batches[ctx.replica::ctx.replicas]
     leader = ctx.tp_rank == 0
-    title = f"{settings.label} x{ctx.replicas}" if ctx.replicas > 1 else settings.label
-    bar = tqdm(total=sum(len(b) for b in mine), unit=settings.unit, dynamic_ncols=True, mininterval=1.0,
-               disable=not (settings.progress and ctx.is_main), desc=title)
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm(unit=settings.unit, dynamic_ncols=True, mininterval=1.0, desc=settings.label,
+                   disable=not (settings.progress and ctx.is_main))
+    bar.reset(total=sum(len(b) for b in mine))
     scores: dict[int, list[Score]] = {}
     done_tokens = 0
     t1 = time.perf_counter()
@@ -189,29 +219,23 @@ def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Sett
         bar.update(len(gs))
         bar.set_postfix_str(f"{done_tokens / (time.perf_counter() - t1):,.0f} tok/s", refresh=False)
 
-    if model.compiles:   # the first batch compiles kernels: a phase of its own in the progress bar
-        bar.set_description_str(f"{title}: compiling (minutes on a fresh machine, cached afterwards)")
     pending = None
-    first_s = 0.0
     try:
-        for k, b in enumerate(mine):
+        for b in mine:
             gs = [groups[i] for i in b]
             result, tokens = score_batch(model, gs, ctx.device, pad_to)  # queued on the device
             if pending:
                 collect(*pending)                        # the previous batch, while this one runs
             pending = (gs, result, tokens)
-            if k == 0:                                   # includes compilation: timed on its own
-                collect(*pending)
-                pending, first_s = None, time.perf_counter() - t1
-                bar.set_description_str(title)
         if pending:
             collect(*pending)
     except torch.cuda.OutOfMemoryError:
         raise LlamafuseError(f"out of GPU memory at --batch-tokens {settings.batch_tokens}; "
                              f"try --batch-tokens {settings.batch_tokens // 2}") from None
     finally:
-        bar.close()
-    mine_result = RunResult(scores if leader else {}, load_s, first_s, time.perf_counter() - t1,
+        if own_bar:
+            bar.close()
+    mine_result = RunResult(scores if leader else {}, load_s, compile_s, time.perf_counter() - t1,
                             done_tokens if leader else 0, ctx.replicas, str(ctx.device))
     if ctx.world == 1:
         return mine_result
@@ -220,7 +244,7 @@ def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Sett
     if not ctx.is_main:
         return None
     return RunResult({k: v for g in gathered for k, v in g.scores.items()},
-                     max(g.load_s for g in gathered), max(g.first_batch_s for g in gathered),
+                     max(g.load_s for g in gathered), max(g.compile_s for g in gathered),
                      max(g.eval_s for g in gathered), sum(g.tokens for g in gathered), ctx.replicas, str(ctx.device))
 
 

@@ -17,7 +17,7 @@ from llamafuse.formats import names
 
 from .attention import Attention, BlockAttention
 from .fp8 import fp8_linear
-from .packing import Batch
+from .packing import Batch, make_batch, prefix_forest
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -93,6 +93,13 @@ class Model:
         x = rms_norm(h, ffn_norm, self.c.norm_eps)
         gate, up = linear(x, gate_up, gate_up_s).chunk(2, dim=-1)               # [N, ffn/tp] each
         return h + self._all_reduce(linear(F.silu(gate) * up, down, down_s))
+
+    def warm_up(self, n: int) -> None:
+        """Compile (or fetch from the compile cache) the kernels for batches of n tokens by running
+        a batch of n filler tokens."""
+        b = make_batch(prefix_forest([]), [0], pad_to=n).to(self.w[names.EMBED].device)
+        zero = b.select.new_zeros(1)
+        self.target_logprobs(b, zero, zero)
 
     @torch.inference_mode()
     def logits(self, b: Batch) -> torch.Tensor:

@@ -170,7 +170,7 @@ def run_eval(c: ModelConfig, wts: dict, groups: list[Group], items: list, args: 
     gemms = layer_gemms(c, args.batch_tokens, False)
     ceiling = layer_flops(c) * args.batch_tokens / bench_ms(gemms) / 1e9
     out = {"items": len(groups), "tokens": run.tokens, "scored_rows": rows, "flops": flops, "seconds": run.eval_s,
-           "first_batch_s": run.first_batch_s, "warmup_s": warm_s, "tokens_per_s": run.tokens / run.eval_s,
+           "warmup_s": warm_s, "tokens_per_s": run.tokens / run.eval_s,
            "tflops": flops / run.eval_s / 1e12, "fp16_gemm_ceiling_tflops_after": ceiling,
            "fraction_of_fp16_ceiling": flops / run.eval_s / 1e12 / ceiling,
            "recompiles_after_warmup": unique_graphs() - graphs,
@@ -301,7 +301,7 @@ def print_table(r: dict) -> None:
         e = r.get(key)
         if e:
             rows.append((f"{key} full split", f"{e['seconds']:.1f} s ({e['tokens']:,} tokens, {e['tflops']:.0f} TFLOP/s, "
-                                              f"first batch {e['first_batch_s']:.1f} s, recompiles {e['recompiles_after_warmup']})"))
+                                              f"warm-up {e['warmup_s']:.1f} s, recompiles {e['recompiles_after_warmup']})"))
     if "vs_fp16" in r.get("fp8", {}):
         v = r["fp8"]["vs_fp16"]
         rows.append(("float8 vs fp16", f"max |dll| {v['max_dll']:.3f}, decisions differ {v['acc_decisions_differ']} (acc) / "

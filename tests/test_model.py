@@ -106,7 +106,9 @@ def test_sm80_path_pieces_equal_the_sdpa_mask_path(stories):
     ib = prepare(groups)
     ref, ref_greedy = Model(m.config, lay, tensors, None, BlockAttention()).target_logprobs(*ib[:3])
     padded = prepare(groups, pad_to=ib.tokens + m.config.max_seq_len + 5)
-    flex, greedy = Model(m.config, lay, tensors, None, FlexAttention()).target_logprobs(*padded[:3])
+    flex_model = Model(m.config, lay, tensors, None, FlexAttention())
+    flex_model.warm_up(len(padded.batch.tokens))
+    flex, greedy = flex_model.target_logprobs(*padded[:3])
     assert torch.allclose(flex, ref, atol=1e-4), (flex - ref).abs().max()
     assert torch.equal(greedy, ref_greedy)
     for mode in ("block", "around-attention"):   # the sm80+ block, and the one around the V100 path's attention
@@ -136,3 +138,10 @@ def test_out_of_memory_is_one_clear_error(stories):
     ctx = Context(0, 1, 1, torch.device("cpu"), None, 0, 0, 1)
     with pytest.raises(LlamafuseError, match="--batch-tokens 4096; try --batch-tokens 2048"):
         score_groups(ctx, model, [it.group() for it in items], Settings(4096, progress=False))
+
+
+def test_warm_up_runs_a_filler_batch(stories):
+    """warm_up (what the compile phase runs before the first real batch) takes a batch of filler
+    tokens of the requested length through the whole model (FlexAttention too: in the slow test)."""
+    m, tensors, items = stories
+    Model(m.config, RankLayout(m.config, 1, 0), tensors, None, BlockAttention()).warm_up(96)

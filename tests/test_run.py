@@ -324,9 +324,10 @@ def test_results_and_samples_fields(stories_runs, stories_docs, stories_sp, stor
     t = r["timing"]
     for k in ("wall_s", "startup_s", "load_s", "compile_s", "eval_s", "other_s", "tokens", "tokens_per_s"):
         assert k in t and t[k] >= 0, k
-    assert t["eval_s"] > 0 and t["tokens_per_s"] > 0 and t["compile_s"] <= t["eval_s"]
+    assert t["eval_s"] > 0 and t["tokens_per_s"] > 0 and t["compile_s"] == 0  # nothing compiles on the CPU
     assert t["startup_s"] > 0.5   # counted from the process start: at least the imports
-    assert t["wall_s"] == pytest.approx(t["startup_s"] + t["load_s"] + t["eval_s"] + t["other_s"], abs=0.01)
+    assert t["wall_s"] == pytest.approx(t["startup_s"] + t["load_s"] + t["compile_s"] + t["eval_s"] + t["other_s"],
+                                        abs=0.01)
     # Tokens run: every distinct input prefix (context + ending less its last token) at least
     # once, and no more than one context per item plus its endings (counted independently).
     reqs = [requests(d, stories_sp, True) for d in stories_docs]
