@@ -1,9 +1,10 @@
-"""Test-only fault injection for llama-run, in every process whose PYTHONPATH holds this folder
-(Python imports sitecustomize at start-up, so spawned ranks get it too).
+"""Test-only fault injection, in every process whose PYTHONPATH holds this folder (Python
+imports sitecustomize at start-up, so llama-run's spawned ranks get it too).
 
-LLAMAFUSE_FAULT="RANK:POINT:HOW" makes global rank RANK fail
+LLAMAFUSE_FAULT="RANK:POINT:HOW" makes llama-run's global rank RANK fail
   POINT: load (instead of loading its rank file), batch (at its second batch), end (after the last collective)
   HOW:   raise (ZeroDivisionError), error (LlamafuseError on that rank only), exit0 / exit3 (os._exit), kill (SIGKILL)
+LLAMAFUSE_SLOW_WRITE=SECONDS makes llama-convert sleep that long before writing each tensor.
 """
 import os
 
@@ -48,3 +49,13 @@ if os.environ.get("LLAMAFUSE_FAULT"):
         wrap("score_items", after=True)
     else:
         raise ValueError(f"LLAMAFUSE_FAULT: unknown point {point!r}")
+
+if os.environ.get("LLAMAFUSE_SLOW_WRITE"):
+    import time
+
+    import llamafuse.convert.write as write
+
+    def slow_write_tensor(f, t, _real=write.write_tensor, _pause=float(os.environ["LLAMAFUSE_SLOW_WRITE"])):
+        time.sleep(_pause)
+        return _real(f, t)
+    write.write_tensor = slow_write_tensor
