@@ -173,12 +173,17 @@ def _failure(pc: ProcessContext, reports: Path, first: int) -> str:
         return (f"rank {first} was killed by {_signal_name(-code)}" if code < 0
                 else f"rank {first} exited with code {code} before finishing")
     kind, message = report
-    if kind == "lost":  # a peer that exited with code 0 mid-run does not trip ProcessContext
-        gone = [r for r, p in enumerate(pc.processes) if p.exitcode == 0 and _read_report(reports, r) is None]
-        if gone:
-            return f"rank {gone[0]} exited before finishing (code 0)"
+    if kind == "lost":
         return f"rank {first} lost contact with the other ranks: {message}"
     return message if kind == "error" else f"rank {first} crashed: {message}"
+
+
+def _check_quitters(pc: ProcessContext, reports: Path) -> None:
+    """A rank that exits with code 0 without a report does not trip ProcessContext, and the
+    others could wait for it until their timeout (30 minutes at start-up)."""
+    gone = next((r for r, p in enumerate(pc.processes) if p.exitcode == 0 and _read_report(reports, r) is None), None)
+    if gone is not None:
+        raise LlamafuseError(f"rank {gone} exited before finishing (code 0)")
 
 
 def _kill(pc: ProcessContext) -> None:
@@ -224,17 +229,16 @@ def _spawn(worker: Callable[..., Any], world: int, tp: int, device_type: str, ar
                                         nprocs=world, join=False, start_method="spawn")
             if caught:
                 raise Interrupted(caught[0])
-            while not pc.join():
-                pass
+            done = False
+            while not done:
+                done = pc.join()  # returns each time a rank exits with code 0
+                _check_quitters(pc, reports)
         except ProcessException as e:  # every rank has been ended and joined
             raise LlamafuseError(_failure(pc, reports, e.error_index)) from None
         except BaseException:
             if pc is not None:
                 _kill(pc)
             raise
-        missing = next((r for r in range(world) if _read_report(reports, r) is None), None)
-        if missing is not None:
-            raise LlamafuseError(f"rank {missing} exited before finishing (code 0)")
         return pickle.loads(_read_report(reports, 0)[1])
 
 

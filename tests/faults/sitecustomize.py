@@ -2,7 +2,7 @@
 imports sitecustomize at start-up, so llama-run's spawned ranks get it too).
 
 LLAMAFUSE_FAULT="RANK:POINT:HOW" makes llama-run's global rank RANK fail
-  POINT: load (instead of loading its rank file), batch (at its second batch), end (after the last collective)
+  POINT: init (before joining the process group), load (instead of loading its rank file), batch (at its second batch), end (after the last collective)
   HOW:   raise (ZeroDivisionError), error (LlamafuseError on that rank only), exit0 / exit3 (os._exit), kill (SIGKILL)
 LLAMAFUSE_SLOW_WRITE=SECONDS makes llama-convert sleep that long before writing each tensor.
 """
@@ -41,7 +41,15 @@ if os.environ.get("LLAMAFUSE_FAULT"):
             return out
         setattr(evaluate, name, patched)
 
-    if point == "load":
+    if point == "init":  # before the process group exists: the rank is a keyword argument
+        real_init = dist.init_process_group
+
+        def init_process_group(*args, **kwargs):
+            if kwargs.get("rank") == int(rank):
+                fail()
+            return real_init(*args, **kwargs)
+        dist.init_process_group = init_process_group
+    elif point == "load":
         wrap("open_model", before=True)
     elif point == "batch":
         wrap("score_batch", nth=2)
