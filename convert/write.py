@@ -90,7 +90,7 @@ def _not_finite(cache: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype)
             return (f"{prefix + part} has values up to {max(-lo, hi):.4g}, which overflow "
                     f"{str(dtype).removeprefix('torch.')} (largest {torch.finfo(dtype).max:.6g})"
                     + (f"; {wider} can hold them" if wider else ""))
-    return f"{prefix or 'a tensor'}: converted values are not finite"
+    return "a converted tensor is not finite"
 
 
 def _write_shards(src: Source, tmp: Path, tp: int, dtype: torch.dtype, progress: bool) -> list[RankFile]:
