@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import click
 
 from llamafuse.formats import LlamafuseError
 from llamafuse.formats import WEIGHT_DTYPES
+from llamafuse.formats.interrupts import Interrupted, interrupts
 
 from .sources import open_source
 from .write import convert, size_text
@@ -34,14 +36,18 @@ def main(src: Path, out: Path, tp: int, dtype: str, max_seq_len: int | None, tok
     """Convert a LLaMA checkpoint (Meta or Hugging Face layout, detected) in SRC to llamafuse
     rank files in OUT: fused QKV and gate/up per rank, rotary tables, manifest, tokenizer."""
     try:
-        source = open_source(src, max_seq_len)
-        summary = convert(source, out, tp, dtype, force=force, tokenizer=tokenizer, progress=True)
+        with interrupts():  # SIGTERM (kill, timeout, job schedulers) cleans up like Ctrl-C
+            source = open_source(src, max_seq_len)
+            summary = convert(source, out, tp, dtype, force=force, tokenizer=tokenizer, progress=True)
     except LlamafuseError as e:
         click.echo(f"llama-convert: error: {e}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("llama-convert: interrupted; nothing was written to the destination", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        stop = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
+        click.echo(f"llama-convert: {stop}; nothing was written to the destination", err=True)
+        sys.exit(stop.exit_code)
+    for tmp in summary.removed:
+        click.echo(f"llama-convert: removed {tmp}, left by a conversion that was killed", err=True)
     total = sum(n for _, n in summary.files)
     c = source.config
     if as_json:

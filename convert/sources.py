@@ -22,6 +22,7 @@ from llamafuse.formats.tokenizer import HF_JSON, SENTENCEPIECE, TokenizerFile
 from .tokenizer_files import find_tokenizer
 
 LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "attn_norm", "ffn_norm")
+MATRIX_WEIGHTS = frozenset(LAYER_WEIGHTS[:7])  # fused into the products a float8 model stores in e4m3
 DEFAULT_MAX_SEQ_LEN = 2048
 
 

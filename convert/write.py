@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import errno
-import math
+import fcntl
 import hashlib
 import json
+import math
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +18,13 @@ import torch
 from tqdm import tqdm
 
 from llamafuse.formats import LlamafuseError, Manifest, RankFile, RankLayout, check_tp
-from llamafuse.formats.layout import rank_tensor_specs
-from llamafuse.formats.layout import WEIGHT_DTYPES
+from llamafuse.formats.layout import WEIGHT_DTYPES, rank_tensor_specs
 from llamafuse.formats.manifest import MANIFEST, TokenizerRecord, rank_file_name, rank_metadata
 from llamafuse.formats.tensorfile import fsync, plan_header, write_tensor
 from llamafuse.formats.tokenizer import TokenizerFile, make_tokenizer
 
 from .plan import head_tensors, layer_tensors, rope_tables, tail_tensors
-from .sources import Source
+from .sources import MATRIX_WEIGHTS, Source
 
 
 
@@ -33,6 +33,7 @@ class Summary:
     out: Path
     files: list[tuple[str, int]]
     seconds: float
+    removed: list[Path]  # temporary folders of dead conversions, removed first
 
 
 def check_destination(out: Path, src: Path, force: bool) -> None:
@@ -48,23 +49,53 @@ def _groups(src: Source, tp: int, dtype: str) -> Iterator[list[dict[str, torch.T
     """Per group (head, each layer, tail): one dict of fused tensors per rank, in file order."""
     c = src.config
     lays = [RankLayout(c, tp, r) for r in range(tp)]
-    head = head_tensors(src.tensor, dtype, rope_tables(c))
-    yield [head] * tp
-    del head
+    yield _group(src, "", dtype, lambda get: [head_tensors(get, dtype, rope_tables(c))] * tp)
     for i in range(c.n_layers):
-        yield [layer_tensors(get, i, lay, src.rotary, dtype) for get in [_cached(src, f"layers.{i}.")] for lay in lays]
-    yield [tail_tensors(get, lay, dtype) for get in [_cached(src, "")] for lay in lays]
+        yield _group(src, f"layers.{i}.", dtype, lambda get: [layer_tensors(get, i, lay, src.rotary, dtype) for lay in lays])
+    yield _group(src, "", dtype, lambda get: [tail_tensors(get, lay, dtype) for lay in lays])
 
 
-def _cached(src: Source, prefix: str) -> Callable[[str], torch.Tensor]:
-    """src.tensor(prefix + part), each read (and, for Meta shards, concatenated) once."""
+def _group(src: Source, prefix: str, dtype: str,
+           build: Callable[[Callable[[str], torch.Tensor]], list[dict[str, torch.Tensor]]]) -> list[dict[str, torch.Tensor]]:
+    """build(get), get(part) being src.tensor(prefix + part) read (and, for Meta shards,
+    concatenated) once. The source tensors are freed on return; the result must be finite."""
     cache: dict[str, torch.Tensor] = {}
 
     def get(part: str) -> torch.Tensor:
         if part not in cache:
             cache[part] = src.tensor(prefix + part)
         return cache[part]
-    return get
+    group = build(get)
+    if not all(_finite(t) for t in {id(t): t for ts in group for t in ts.values()}.values()):
+        raise LlamafuseError(f"{src.path}: {_not_finite(cache, prefix, dtype)}")
+    return group
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in t: one pass, no copy (a NaN makes min and max NaN, an inf is one of them).
+    Float8 matrices are not looked at: their scales are, and carry any NaN or inf of the source."""
+    if t.dtype == torch.float8_e4m3fn:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(lo.isfinite() & hi.isfinite())
+
+
+def _not_finite(cache: dict[str, torch.Tensor], prefix: str, dtype: str) -> str:
+    """Which source tensor made a converted one non-finite, and how, worded for the user."""
+    matrix, other = WEIGHT_DTYPES[dtype]
+    for part, t in cache.items():
+        lo, hi = (float(x) for x in torch.aminmax(t))
+        if math.isnan(lo):
+            return f"{prefix + part} has NaN values in the source checkpoint"
+        if math.isinf(lo) or math.isinf(hi):
+            return f"{prefix + part} has infinite values in the source checkpoint"
+        target = matrix if part in MATRIX_WEIGHTS else other
+        if target.itemsize > 1 and not _finite(t.to(target)):  # float8 matrices are scaled: no overflow
+            wider = {torch.float16: "--dtype bfloat16 or float32", torch.bfloat16: "--dtype float32"}.get(target)
+            return (f"{prefix + part} has values up to {max(-lo, hi):.4g}, which overflow "
+                    f"{str(target).removeprefix('torch.')} (largest {torch.finfo(target).max:.6g})"
+                    + (f"; {wider} can hold them" if wider else ""))
+    return "a converted tensor is not finite"
 
 
 def _write_shards(src: Source, tmp: Path, tp: int, dtype: str, progress: bool) -> list[RankFile]:
@@ -127,11 +158,12 @@ def convert(src: Source, out: Path, tp: int, dtype: str, force: bool = False,
         raise LlamafuseError(f"{src.path}: no tokenizer.model or tokenizer.json found beside the checkpoint (pass --tokenizer)")
     make_tokenizer(tok.name, tok.data, src.config.vocab_size, tok.origin)
     out.parent.mkdir(parents=True, exist_ok=True)
+    removed = _remove_dead_temporaries(out.parent)
     need, free = planned_bytes(src, tp, dtype), shutil.disk_usage(out.parent).free
     if need > free:
         raise LlamafuseError(f"{out.parent}: not enough disk space ({size_text(need)} needed, {size_text(free)} free)")
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp, lock = _temporary(out)
     except OSError as e:
         raise LlamafuseError(f"{out.parent}: cannot create a temporary folder ({e.strerror or e})") from None
     try:
@@ -148,8 +180,47 @@ def convert(src: Source, out: Path, tp: int, dtype: str, force: bool = False,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
     files = [(name, n) for name, n, _ in manifest.files()] + [(MANIFEST, (out / MANIFEST).stat().st_size)]
-    return Summary(out, files, time.perf_counter() - t0)
+    return Summary(out, files, time.perf_counter() - t0, removed)
+
+
+def _temporary(out: Path) -> tuple[Path, int]:
+    """A new folder `.OUT.tmp-*` beside OUT, made as mkdir makes folders (the umask applies; it
+    becomes OUT), and a descriptor of it holding an flock until closed, taken before anything is
+    written into it. (Where the file system has no flock, the folder is never taken for dead.)"""
+    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(8)}"
+    tmp.mkdir()
+    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks only while another run looks at the empty folder
+    except OSError:
+        pass
+    return tmp, fd
+
+
+def _remove_dead_temporaries(parent: Path) -> list[Path]:
+    """Remove the temporary folders in `parent` that conversions killed outright (SIGKILL, power
+    loss) left behind; returns them. A live conversion holds the lock on its folder until it
+    ends, and a folder that is still empty may be about to be locked, so only a non-empty folder
+    whose lock can be taken is dead."""
+    removed = []
+    for tmp in sorted(parent.glob(".*.tmp-" + "[0-9a-f]" * 16)):  # named by _temporary
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:  # not a folder, or already gone
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if any(tmp.iterdir()):
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+        except OSError:  # locked: a live conversion
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _write_tokenizer(tok: TokenizerFile, folder: Path) -> TokenizerRecord:

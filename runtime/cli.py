@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from llamafuse.formats import LlamafuseError, Manifest, load_manifest
+from llamafuse.formats.interrupts import Interrupted, interrupts
 from llamafuse.formats.manifest import MANIFEST, sha256_file
 from llamafuse.formats.tokenizer import Tokenizer, read_tokenizer
 
@@ -56,9 +57,12 @@ def user_errors(f: Callable[..., Any]) -> Callable[..., Any]:
     @wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return f(*args, **kwargs)
+            with interrupts():  # SIGTERM (kill, timeout, schedulers) ends the run like Ctrl-C
+                return f(*args, **kwargs)
         except LlamafuseError as e:
             _fail(str(e))
+        except Interrupted as e:
+            _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
     return wrapper

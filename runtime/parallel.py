@@ -2,24 +2,48 @@
 
 World = replicas x tp. Ranks [r*tp, (r+1)*tp) form replica r's tensor-parallel group; each
 replica scores its own share of the batches (data parallel).
+
+Ranks started here run under torch.multiprocessing's ProcessContext, whose join raises as soon as
+one exits non-zero and ends the others. Each rank leaves a report in a private folder (rank 0's
+holds the result), so however a rank ends the parent names it in one line and never waits on a
+pipe. Ranks die with the parent (PR_SET_PDEATHSIG, even when it is SIGKILLed); SIGINT or SIGTERM
+to the parent kills every rank and raises `Interrupted`; Ctrl-C in a terminal (SIGINT to the
+whole process group) ends the ranks silently.
 """
 from __future__ import annotations
 
+import ctypes
+import logging
+import multiprocessing
 import os
+import pickle
+import signal
 import socket
+import sys
+import tempfile
+import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from multiprocessing import resource_tracker
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessContext, ProcessException
 
 from llamafuse.formats import LlamafuseError
+from llamafuse.formats.interrupts import STOP_SIGNALS, Interrupted, interrupts, on_stop_signals
 
 # Never let NCCL/PyTorch use NVLink multicast (it can take a shared host's GPUs down).
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+# A rank whose collective failed (most likely because a peer died) waits this long before it
+# reports, so that the parent sees and names the rank that failed first and ends this one.
+PEER_GRACE_S = 5.0
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -64,24 +88,172 @@ def first_error(ctx: Context, error: str | None) -> str | None:
     return next((e for e in errors if e is not None), None)
 
 
-def _entry(rank: int, world: int, tp: int, device_type: str, port: int, queue: Any,
+# ---------------------------------------------------------------- inside a spawned rank
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when the parent dies; exit now if it already has."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _in_collective(e: BaseException) -> bool:
+    """Whether `e` came out of torch.distributed (typically: a peer went away mid-collective)."""
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__", "").startswith("torch.distributed"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _describe(e: BaseException) -> str:
+    """`Type: first line of the message (file.py:line)`, the line being where it was raised."""
+    lines = str(e).strip().splitlines()
+    where = traceback.extract_tb(e.__traceback__)[-1:]
+    at = f" ({Path(where[0].filename).name}:{where[0].lineno})" if where else ""
+    return f"{type(e).__name__}{': ' + lines[0] if lines else ''}{at}"
+
+
+def _entry(rank: int, world: int, tp: int, device_type: str, port: int, reports: str, parent: int,
            worker: Callable[..., Any], args: tuple) -> None:
+    """One spawned rank: run the worker, leave a report (kind, payload) for the parent, exit."""
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)    # Ctrl-C ends a rank silently; the parent reports
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held back while starting, see _held_back
+    # A rank starts no processes. With fork as its default, a lock it makes (tqdm makes one) is
+    # unlinked at once instead of being registered with the parent's resource tracker, which
+    # would warn about it on stderr when the rank is killed.
+    multiprocessing.set_start_method("fork", force=True)
     os.environ.update(SAFE_ENV)
     if device_type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(minutes=30))
     try:
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                rank=rank, world_size=world, timeout=timedelta(minutes=30))
         result = worker(_make_context(rank, world, tp, device_type, rank), *args)
-        if rank == 0:
-            queue.put(("ok", result))
+        outcome = ("ok", pickle.dumps(result if rank == 0 else None, protocol=pickle.HIGHEST_PROTOCOL))
     except LlamafuseError as e:
-        queue.put(("error", str(e)))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent, which exits non-zero
-        queue.put(("crash", f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
-    finally:
+        outcome = ("error", str(e))
+    except BaseException as e:  # noqa: BLE001 - any failure becomes one line in the parent
+        lost = _in_collective(e)
+        if lost:
+            time.sleep(PEER_GRACE_S)
+        outcome = ("lost" if lost else "crash", _describe(e))
+    path = Path(reports) / f"rank-{rank}"
+    path.with_suffix(".tmp").write_bytes(pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL))
+    os.replace(path.with_suffix(".tmp"), path)      # the parent reads whole reports only
+    if dist.is_initialized():
         dist.destroy_process_group()
+    sys.exit(0 if outcome[0] == "ok" else 1)
+
+
+# ---------------------------------------------------------------- in the parent
+
+
+def _read_report(reports: Path, rank: int) -> tuple[str, Any] | None:
+    path = reports / f"rank-{rank}"
+    return pickle.loads(path.read_bytes()) if path.is_file() else None
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _failure(pc: ProcessContext, reports: Path, first: int) -> str:
+    """One line on why the run failed; `first` is the rank that ProcessContext saw fail first."""
+    report = _read_report(reports, first)
+    if report is None or report[0] == "ok":
+        code = pc.processes[first].exitcode
+        return (f"rank {first} was killed by {_signal_name(-code)}" if code < 0
+                else f"rank {first} exited with code {code} before finishing")
+    kind, message = report
+    if kind == "lost":
+        return f"rank {first} lost contact with the other ranks: {message}"
+    return message if kind == "error" else f"rank {first} crashed: {message}"
+
+
+def _check_quitters(pc: ProcessContext, reports: Path) -> None:
+    """A rank that exits with code 0 without a report does not trip ProcessContext, and the
+    others could wait for it until their timeout (30 minutes at start-up)."""
+    gone = next((r for r, p in enumerate(pc.processes) if p.exitcode == 0 and _read_report(reports, r) is None), None)
+    if gone is not None:
+        raise LlamafuseError(f"rank {gone} exited before finishing (code 0)")
+
+
+def _kill(pc: ProcessContext) -> None:
+    for p in pc.processes:
+        if p.is_alive():
+            p.kill()
+    for p in pc.processes:
+        p.join()
+
+
+@contextmanager
+def _held_back(caught: list[int]) -> Iterator[None]:
+    """While the ranks start: SIGINT and SIGTERM are recorded, not raised (a start cut short would
+    lose the processes already running), and blocked in this thread, so the ranks inherit them
+    blocked: a Ctrl-C that reaches a rank still importing torch cannot print a traceback there."""
+    resource_tracker.ensure_running()  # started lazily, it would unblock both signals in this thread
+    with on_stop_signals(lambda signum, frame: caught.append(signum)):
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+@contextmanager
+def _spawn_log_quiet() -> Iterator[None]:
+    """ProcessContext logs a warning for each rank it ends; the one-line error says it all."""
+    log = logging.getLogger("torch.multiprocessing.spawn")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _spawn(worker: Callable[..., Any], world: int, tp: int, device_type: str, args: tuple) -> Any:
+    with tempfile.TemporaryDirectory(prefix="llamafuse-ranks-") as folder, _spawn_log_quiet():
+        reports, caught, pc = Path(folder), [], None
+        try:
+            with _held_back(caught):
+                pc = mp.start_processes(_entry, (world, tp, device_type, _free_port(), folder, os.getpid(), worker, args),
+                                        nprocs=world, join=False, start_method="spawn")
+            if caught:
+                raise Interrupted(caught[0])
+            done = False
+            while not done:
+                done = pc.join()  # returns each time a rank exits with code 0
+                _check_quitters(pc, reports)
+        except ProcessException as e:  # every rank has been ended and joined
+            raise LlamafuseError(_failure(pc, reports, e.error_index)) from None
+        except BaseException:
+            if pc is not None:
+                _kill(pc)
+            raise
+        return pickle.loads(_read_report(reports, 0)[1])
+
+
+def _under_torchrun(worker: Callable[..., Any], tp: int, device_type: str, args: tuple) -> Any:
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if world % tp:
+        raise LlamafuseError(f"torchrun started {world} processes, not a multiple of the model's tp {tp}")
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    try:
+        return worker(_make_context(rank, world, tp, device_type, int(os.environ.get("LOCAL_RANK", rank))), *args)
+    finally:
+        if own:  # left to interpreter teardown, gloo's threads can abort the process after success
+            dist.destroy_process_group()
 
 
 def launched_rank() -> int | None:
@@ -90,37 +262,18 @@ def launched_rank() -> int | None:
 
 
 def launch(worker: Callable[..., Any], tp: int, replicas: int, device_type: str, *args: Any) -> Any:
-    """Run `worker(ctx, *args)` on every rank; returns rank 0's result.
+    """Run `worker(ctx, *args)` on every rank; returns global rank 0's result (None on other ranks
+    under torchrun). A LlamafuseError on any rank, or any rank failing, raises LlamafuseError here;
+    SIGINT or SIGTERM raises Interrupted once every rank is gone.
 
     Under torchrun (WORLD_SIZE set) this process is one rank; otherwise it spawns the ranks
     itself (or runs inline when there is a single rank).
     """
     os.environ.update(SAFE_ENV)
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-        if world % tp:
-            raise LlamafuseError(f"torchrun started {world} processes, not a multiple of the model's tp {tp}")
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-        return worker(_make_context(rank, world, tp, device_type, int(os.environ.get("LOCAL_RANK", rank))), *args)
+        return _under_torchrun(worker, tp, device_type, args)
     world = tp * replicas
-    if world == 1:
-        return worker(_make_context(0, 1, 1, device_type, 0), *args)
-    spawn = mp.get_context("spawn")
-    queue = spawn.SimpleQueue()
-    port = _free_port()
-    procs = [spawn.Process(target=_entry, args=(r, world, tp, device_type, port, queue, worker, args))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    status, payload = queue.get()
-    if status != "ok":
-        for p in procs:
-            p.terminate()
-    for p in procs:
-        p.join()
-    if status == "error":
-        raise LlamafuseError(payload)
-    if status == "crash":
-        raise RuntimeError(payload)
-    return payload
+    with interrupts():
+        if world == 1:
+            return worker(_make_context(0, 1, 1, device_type, 0), *args)
+        return _spawn(worker, world, tp, device_type, args)
