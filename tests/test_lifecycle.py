@@ -120,7 +120,8 @@ class Run:
         return len(ranks(self.proc.pid)) == 2
 
     def scoring(self) -> bool:
-        return self.samples.is_file() and b"\n" in self.samples.read_bytes()
+        """The first batch's records are in (after the line saying which run wrote the file)."""
+        return self.samples.is_file() and self.samples.read_bytes().count(b"\n") >= 2
 
     def finish(self) -> int:
         """Wait for the exit; then every process of the run must be gone within GONE_S."""
@@ -149,7 +150,7 @@ class Run:
         """Samples written so far are whole records (a killed run never leaves half a line)."""
         data = self.samples.read_text() if self.samples.is_file() else ""
         assert not data or data.endswith("\n"), f"cut line: {data[-200:]!r}"
-        recs = [json.loads(line) for line in data.splitlines()]
+        recs = [json.loads(line) for line in data.splitlines()][1:]   # after the run's line
         assert all(set(r) >= {"doc_id", "lls"} and len(r["lls"]) == 4 for r in recs)
         return len(recs)
 

@@ -54,7 +54,7 @@ if os.environ.get("LLAMAFUSE_FAULT"):
     elif point == "batch":
         wrap("score_batch", nth=2)
     elif point == "end":
-        wrap("score_items", after=True)
+        wrap("score_groups", after=True)
     else:
         raise ValueError(f"LLAMAFUSE_FAULT: unknown point {point!r}")
 
