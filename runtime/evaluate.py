@@ -162,7 +162,7 @@ def score_worker(ctx: Context, folder: Path, manifest: Manifest, groups: list[Gr
             ready = pool.submit(_ready_model, ctx, folder, manifest, settings, bar, title)
             batches = pack_groups([[r.inputs for r in g.requests] for g in groups], settings.batch_tokens)
             model, load_s, compile_s = ready.result()
-        bar.set_description_str(title)
+        bar.set_description_str(title, refresh=False)
         return score_groups(ctx, model, groups, settings, sink, batches, bar, load_s, compile_s)
     finally:
         bar.close()
@@ -198,7 +198,7 @@ def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Sett
     if own_bar:
         bar = tqdm(unit=settings.unit, dynamic_ncols=True, mininterval=1.0, desc=settings.label,
                    disable=not (settings.progress and ctx.is_main))
-    bar.reset(total=sum(len(b) for b in mine))
+    bar.total = sum(len(b) for b in mine)   # this replica's share (no refresh: the bar may be delayed)
     scores: dict[int, list[Score]] = {}
     done_tokens = 0
     t1 = time.perf_counter()

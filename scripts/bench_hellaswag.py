@@ -3,7 +3,7 @@
     python3 scripts/bench_hellaswag.py --data DATA.jsonl.gz --tokenizer tokenizer.model --out DIR \
         [--parts layers,eval,fp8,load] [--layers 60] [--limit N]
 
-Parts: layers (one layer's time per variant: the four GEMMs alone in fp16 and float8, the compiled
+Parts: fp8logits (full logits of float8 against fp16 on one batch), layers (one layer's time per variant: the four GEMMs alone in fp16 and float8, the compiled
 FlexAttention block in fp16 and float8, the V100 path eager and with the work around attention
 compiled), eval (the full split in fp16 through the engine `llama-run hellaswag` uses; GPU
 busy/idle timeline, recompilations after the first batch, the GEMM ceiling measured right
@@ -195,6 +195,22 @@ def compare_lls(items: list, a: dict, b: dict) -> dict:
     return {"items": len(items), "max_dll": d, "acc_decisions_differ": acc, "acc_norm_decisions_differ": norm}
 
 
+def part_fp8_logits(c: ModelConfig, wts: dict, groups: list[Group], n: int, report: dict) -> None:
+    """Full logits of float8 against fp16 (same weights) on one real packed batch: relative
+    error and top-1 agreement over every position."""
+    b = prepare([groups[i] for i in pack_groups([[r.inputs for r in g.requests] for g in groups], n)[7]])
+    batch = b.batch.to(DEV)
+    batch.select = torch.arange(batch.tokens.numel(), device=DEV)
+    out = {}
+    for label, w in (("fp16", wts), ("float8", to_float8(wts, c))):
+        out[label] = Model(c, RankLayout(c, 1, 0), w, None, BlockAttention(), None).logits(batch).double()
+    a, r = out["float8"], out["fp16"]
+    report["fp8_logits"] = {"positions": a.shape[0], "rel_err": float((a - r).norm() / r.norm()),
+                            "max_abs_err": float((a - r).abs().max()),
+                            "top1_agreement": float((a.argmax(-1) == r.argmax(-1)).double().mean())}
+    print("float8 vs fp16 logits:", report["fp8_logits"], flush=True)
+
+
 class RandomSource:
     """A converter Source of unset bytes in the 30B shape (load timing only)."""
     layout, rotary, path = "bench", "rotate-half", Path("/dev/null")
@@ -282,7 +298,8 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     part("layers", lambda: part_layers(args.batch_tokens, groups, report))
-    wts = random_weights(c) if {"eval", "fp8"} & set(parts) else {}
+    wts = random_weights(c) if {"eval", "fp8", "fp8logits"} & set(parts) else {}
+    part("fp8logits", lambda: part_fp8_logits(c, wts, groups, args.batch_tokens, report))
     part("fp8", lambda: report.__setitem__("fp8", run_eval(c, to_float8(wts, c), groups, items, args, "hellaswag float8")))
     part("eval", lambda: report.__setitem__("eval", run_eval(c, wts, groups, items, args, "hellaswag fp16")))
     if "_lls" in report.get("fp8", {}) and "_lls" in report.get("eval", {}):

@@ -1,0 +1,103 @@
+"""End to end as a user runs it: a converted LLaMA-30B-shaped folder, then `llama-run hellaswag`
+in a fresh process with an empty compile cache (cold) and again with the cache it left (warm).
+
+    python3 scripts/bench_e2e.py --data DATA.jsonl.gz --tokenizer tokenizer.model --out DIR \
+        [--dtype float16|float8] [--layers 60] [--runs cold,warm] [--folder /dev/shm/llama30b]
+
+Weights are random (matrices ~ N(0, 1/fan_in)), drawn on the GPU and written by llama-convert's
+writer (hashes, manifest and all). Each run's results.json timing (wall time from process start
+and its parts) and the wall time seen from outside go to DIR/e2e.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from llamafuse.convert.tokenizer_files import read_tokenizer_file
+from llamafuse.convert.write import convert
+from llamafuse.formats import ModelConfig
+
+LLAMA_30B = dict(dim=6656, n_layers=60, n_heads=52, n_kv_heads=52, head_dim=128, ffn_dim=17920,
+                 vocab_size=32000, norm_eps=1e-6, rope_theta=10000.0, max_seq_len=2048)
+
+
+class RandomSource:
+    """A converter Source of random weights in Meta's logical names, drawn on the GPU."""
+    layout, rotary, path = "random", "rotate-half", Path("/dev/null")
+
+    def __init__(self, c: ModelConfig, tokenizer: Path):
+        self.config, self._tok = c, tokenizer
+        self._g = torch.Generator(device="cuda").manual_seed(0)
+
+    def tokenizer_file(self, override: Path | None = None):
+        return read_tokenizer_file(self._tok, None)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        c, part = self.config, name.split(".")[-1]
+        shape = {"embed": (c.vocab_size, c.dim), "output": (c.vocab_size, c.dim), "wq": (c.q_dim, c.dim),
+                 "wk": (c.kv_dim, c.dim), "wv": (c.kv_dim, c.dim), "wo": (c.dim, c.q_dim), "w1": (c.ffn_dim, c.dim),
+                 "w3": (c.ffn_dim, c.dim), "w2": (c.dim, c.ffn_dim)}.get(part, (c.dim,))
+        if len(shape) == 1:
+            t = 1 + 0.1 * torch.randn(shape, generator=self._g, device="cuda")
+        else:
+            t = torch.randn(shape, generator=self._g, device="cuda") * (1.0 if part == "embed" else shape[1] ** -0.5)
+        return t.half().cpu()
+
+
+def run_cli(folder: Path, args: argparse.Namespace, cache: Path, name: str) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
+    results = args.out / f"{name}.json"
+    cmd = ["llama-run", "hellaswag", str(folder), "--data", args.data, "--device", "cuda", "--output", str(results),
+           "--force"]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outside = time.perf_counter() - t0
+    print(p.stdout, p.stderr[-1500:], sep="\n", flush=True)
+    if p.returncode != 0:
+        return {"error": p.stderr[-2000:], "returncode": p.returncode}
+    r = json.loads(results.read_text())
+    t = r["timing"]
+    print(f"{name}: wall {t['wall_s']:.1f} s (outside {outside:.1f} s) = start-up {t['startup_s']:.1f} + load "
+          f"{t['load_s']:.1f} + compile {t['compile_s']:.1f} + eval {t['eval_s']:.1f} + other {t['other_s']:.1f}; "
+          f"wall / eval {t['wall_s'] / t['eval_s']:.3f}", flush=True)
+    return {"timing": t, "outside_wall_s": outside, "acc": r["acc"], "acc_norm": r["acc_norm"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--tokenizer", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--layers", type=int, default=60)
+    ap.add_argument("--runs", default="cold,warm")
+    ap.add_argument("--folder", type=Path, default=Path("/dev/shm/llamafuse-e2e/model"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
+                    "layers": args.layers}
+    save = lambda: (args.out / "e2e.json").write_text(json.dumps(report, indent=2))  # noqa: E731
+    if not (args.folder / "manifest.json").is_file():
+        c = ModelConfig(**{**LLAMA_30B, "n_layers": args.layers})
+        t0 = time.perf_counter()
+        convert(RandomSource(c, args.tokenizer), args.folder, 1, args.dtype, progress=False)
+        report["convert_s"] = time.perf_counter() - t0
+        print(f"converted in {report['convert_s']:.1f} s", flush=True)
+        save()
+    torch.cuda.empty_cache()
+    cache = args.folder.parent / "compile-cache"
+    for name in args.runs.split(","):
+        report[name] = run_cli(args.folder, args, cache, name)   # cold first: the cache starts empty
+        save()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
