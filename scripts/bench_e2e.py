@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from llamafuse.convert.sources import logical_shapes
 from llamafuse.convert.tokenizer_files import read_tokenizer_file
 from llamafuse.convert.write import convert
 from llamafuse.formats import ModelConfig
@@ -40,10 +41,7 @@ class RandomSource:
         return read_tokenizer_file(self._tok, None)
 
     def tensor(self, name: str) -> torch.Tensor:
-        c, part = self.config, name.split(".")[-1]
-        shape = {"embed": (c.vocab_size, c.dim), "output": (c.vocab_size, c.dim), "wq": (c.q_dim, c.dim),
-                 "wk": (c.kv_dim, c.dim), "wv": (c.kv_dim, c.dim), "wo": (c.dim, c.q_dim), "w1": (c.ffn_dim, c.dim),
-                 "w3": (c.ffn_dim, c.dim), "w2": (c.dim, c.ffn_dim)}.get(part, (c.dim,))
+        shape, part = logical_shapes(self.config)[name], name.split(".")[-1]
         if len(shape) == 1:
             t = 1 + 0.1 * torch.randn(shape, generator=self._g, device="cuda")
         else:

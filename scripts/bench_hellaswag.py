@@ -35,6 +35,8 @@ from llamafuse.runtime.model import Model
 from llamafuse.runtime.packing import pack_groups
 from llamafuse.runtime.parallel import Context
 
+from bench_e2e import RandomSource  # scripts/ is on the path when this file runs
+
 LLAMA_30B = ModelConfig(dim=6656, n_layers=60, n_heads=52, n_kv_heads=52, head_dim=128, ffn_dim=17920,
                         vocab_size=32000, norm_eps=1e-6, rope_theta=10000.0, max_seq_len=2048)
 DEV = torch.device("cuda")
@@ -211,25 +213,6 @@ def part_fp8_logits(c: ModelConfig, wts: dict, groups: list[Group], n: int, repo
     print("float8 vs fp16 logits:", report["fp8_logits"], flush=True)
 
 
-class RandomSource:
-    """A converter Source of unset bytes in the 30B shape (load timing only)."""
-    layout, rotary, path = "bench", "rotate-half", Path("/dev/null")
-
-    def __init__(self, c: ModelConfig, tokenizer: Path):
-        self.config, self._tok = c, tokenizer
-
-    def tokenizer_file(self, override=None):
-        from llamafuse.convert.tokenizer_files import read_tokenizer_file
-        return read_tokenizer_file(self._tok, None)
-
-    def tensor(self, name: str) -> torch.Tensor:
-        c, part = self.config, name.split(".")[-1]
-        shape = {"embed": (c.vocab_size, c.dim), "output": (c.vocab_size, c.dim), "wq": (c.q_dim, c.dim),
-                 "wk": (c.kv_dim, c.dim), "wv": (c.kv_dim, c.dim), "wo": (c.dim, c.q_dim), "w1": (c.ffn_dim, c.dim),
-                 "w3": (c.ffn_dim, c.dim), "w2": (c.dim, c.ffn_dim)}.get(part, (c.dim,))
-        return torch.full(shape, 0.01, dtype=torch.float16)
-
-
 def part_load(args: argparse.Namespace, report: dict) -> None:
     from llamafuse.convert.write import convert
     from llamafuse.formats import load_manifest
@@ -237,7 +220,7 @@ def part_load(args: argparse.Namespace, report: dict) -> None:
     c = ModelConfig(**{**LLAMA_30B.to_dict(), "n_layers": args.load_layers})
     folder = Path(tempfile.mkdtemp(dir="/dev/shm")) / "ckpt"
     t0 = time.perf_counter()
-    convert(RandomSource(c, Path(args.tokenizer)), folder, 1, "float16", progress=False)
+    convert(RandomSource(c, Path(args.tokenizer)), folder, 1, "float16", progress=False)  # bench_e2e.py's
     write_s = time.perf_counter() - t0
     m = load_manifest(folder)
     runs, misaligned = [], None
