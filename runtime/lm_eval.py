@@ -37,7 +37,8 @@ class CallStats:
     request_type: str   # "loglikelihood" or "loglikelihood_rolling"
     requests: int       # requests scored (rolling: windows)
     tokens: int         # forest tokens run
-    pair_tokens: int    # tokens a backend running each request on its own runs (the hf backend)
+    hf_tokens: int      # what the harness's hf backend runs: each distinct input once
+    request_tokens: int # what a backend running each request on its own runs
     load_s: float
     eval_s: float
 
@@ -162,7 +163,7 @@ class LlamafuseLM(TemplateLM):
         settings = Settings(self.batch_tokens, self.attention, label=request_type, unit="request")
         result = launch(score_worker, self.manifest.tp, self.replicas, self.device_type, self.folder,
                         self.manifest, groups, settings)
-        self.calls.append(CallStats(request_type, len(requests), result.tokens,
+        self.calls.append(CallStats(request_type, len(requests), result.tokens, hf_tokens(requests),
                                     sum(len(r.inputs) for r in requests), result.load_s, result.eval_s))
         return [result.scores[i][0] for i in range(len(requests))]
 
@@ -188,6 +189,12 @@ def check_lengths(requests: list[Request], names: list[str], max_len: int) -> No
         n, name = max(long)
         raise LlamafuseError(f"{name}: {n} positions, the model's rotary tables cover {max_len} "
                              f"({len(long)} of {len(requests)} requests are too long)")
+
+
+def hf_tokens(requests: list[Request]) -> int:
+    """Tokens the harness's hf backend runs: one forward per distinct input (context + continuation
+    less its last token; its `logits_cache` shares one forward among one-token continuations)."""
+    return sum(len(x) for x in {tuple(r.inputs) for r in requests})
 
 
 def forest_tokens(requests: list[Request], batch_tokens: int | None) -> int:
@@ -273,9 +280,10 @@ def report(job: Job, results: dict, num_fewshot: int | None, limit: int | None) 
     if "groups" in results:
         lines.append(make_table(results, "groups"))
     for c in lm.calls:
-        lines.append(f"{c.request_type}: {c.requests:,} requests, {c.tokens:,} tokens run "
-                     f"(one forward per request: {c.pair_tokens:,}, {c.pair_tokens / max(c.tokens, 1):.2f}x); "
-                     f"load {c.load_s:.1f} s, eval {c.eval_s:.1f} s ({c.tokens / max(c.eval_s, 1e-9):,.0f} tok/s)")
+        lines.append(f"{c.request_type}: {c.requests:,} requests, {c.tokens:,} tokens run (hf backend: "
+                     f"{c.hf_tokens:,}, {c.hf_tokens / max(c.tokens, 1):.2f}x; one forward per request: "
+                     f"{c.request_tokens:,}); load {c.load_s:.1f} s, eval {c.eval_s:.1f} s "
+                     f"({c.tokens / max(c.eval_s, 1e-9):,.0f} tok/s)")
     return "\n".join(lines)
 
 
