@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lm_eval.models  # noqa: F401 - the harness's own models first: its registry loads them only when empty
 from lm_eval import utils as harness_utils
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
