@@ -16,16 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import lm_eval.models  # noqa: F401 - the harness's own models first: its registry loads them only when empty
+from lm_eval import simple_evaluate
 from lm_eval import utils as harness_utils
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.loggers import EvaluationTracker
+from lm_eval.tasks import TaskManager
 
 from llamafuse.formats import LlamafuseError, load_manifest
 from llamafuse.formats.tokenizer import SentencePieceTokenizer, Tokenizer
 
-from .cli import _device, _replicas, _tokenizer
+from .cli import _bos_id, _device, _replicas, _tokenizer
 from .evaluate import Group, Request, Score, Settings, score_worker
+from .hellaswag import _one_line
 from .packing import pack_groups, prefix_forest
 from .parallel import launch, launched_rank
 
@@ -70,6 +74,7 @@ class LlamafuseLM(TemplateLM):
             raise LlamafuseError(f"batch_tokens must be positive, got {self.batch_tokens}")
         self.attention = attention
         self.tok: Tokenizer = _tokenizer(self.folder, self.manifest)
+        self.bos = _bos_id(self.manifest, None)   # the tokenizer's own rule: HFLM's add_special_tokens
         self.calls: list[CallStats] = []
         self._names: list[str] | None = None   # the requests' tasks and docs, during `loglikelihood`
 
@@ -101,8 +106,7 @@ class LlamafuseLM(TemplateLM):
         if add_special_tokens is None:
             add_special_tokens = not self._starts_with_prefix(string)
         ids = self.tok.encode([string])[0]
-        bos = self.manifest.tokenizer.bos_id
-        return [bos, *ids] if add_special_tokens and self.manifest.tokenizer.add_bos and bos is not None else ids
+        return [self.bos, *ids] if add_special_tokens and self.bos is not None else ids
 
     def _starts_with_prefix(self, string: str) -> bool:
         t = self.manifest.tokenizer
@@ -176,6 +180,7 @@ class LlamafuseLM(TemplateLM):
 
 
 def _name(r: Instance) -> str:
+    """Where a request comes from, for messages."""
     return f"task {r.task_name} doc {r.doc_id}"
 
 
@@ -213,9 +218,8 @@ def forest_tokens(requests: list[Request], batch_tokens: int | None) -> int:
 class Job:
     """A checked `llama-run lm-eval` run: tasks loaded, nothing scored yet."""
     lm: LlamafuseLM
-    task_manager: Any                  # lm_eval.tasks.TaskManager
+    task_manager: TaskManager
     tasks: list[Any]                   # the requested tasks and groups (harness objects)
-    names: list[str]
 
 
 def prepare(model: Path, tasks: str, include_path: tuple[Path, ...], device: str | None,
@@ -229,7 +233,6 @@ def prepare(model: Path, tasks: str, include_path: tuple[Path, ...], device: str
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         raise LlamafuseError("--tasks: no task names")
-    from lm_eval.tasks import TaskManager
     tm = TaskManager(include_path=[str(p) for p in include_path] or None)
     unknown = [n for n in names if n not in tm.all_tasks]
     if unknown:
@@ -246,16 +249,13 @@ def prepare(model: Path, tasks: str, include_path: tuple[Path, ...], device: str
     children = {c for kids in loaded.get("group_map", {}).values() for c in kids}
     top = [g for n, g in loaded.get("groups", {}).items() if n not in children]
     top += [t for n, t in loaded["tasks"].items() if n not in children]
-    return Job(lm, tm, top, names)
+    return Job(lm, tm, top)
 
 
 def run(job: Job, num_fewshot: int | None, limit: int | None, log_samples: bool,
         output_path: Path | None) -> dict:
     """The harness's evaluator with our model; its result files under `output_path` as its CLI
     writes them. Returns the harness's results (samples removed)."""
-    from lm_eval import simple_evaluate
-    from lm_eval.loggers import EvaluationTracker
-
     tracker = EvaluationTracker(output_path=str(output_path)) if output_path else None
     lm = job.lm
     results = simple_evaluate(model=lm, model_args={"pretrained": str(lm.folder), **lm.get_model_info()},
@@ -272,23 +272,16 @@ def run(job: Job, num_fewshot: int | None, limit: int | None, log_samples: bool,
 
 def report(job: Job, results: dict, num_fewshot: int | None, limit: int | None) -> str:
     """The harness's tables, then what the engine ran."""
-    from lm_eval.utils import make_table
-
     lm, m = job.lm, job.lm.manifest
     lines = [f"llamafuse ({lm.folder}, {m.dtype}, tp {m.tp} x {lm.replicas} replica(s) on {lm.device_type}), "
              f"limit: {limit}, num_fewshot: {num_fewshot}, batch_tokens: {lm.batch_tokens}",
-             make_table(results)]
+             harness_utils.make_table(results)]
     if "groups" in results:
-        lines.append(make_table(results, "groups"))
+        lines.append(harness_utils.make_table(results, "groups"))
     for c in lm.calls:
         lines.append(f"{c.request_type}: {c.requests:,} requests, {c.tokens:,} tokens run (hf backend: "
                      f"{c.hf_tokens:,}, {c.hf_tokens / max(c.tokens, 1):.2f}x; one forward per request: "
                      f"{c.request_tokens:,}); load {c.load_s:.1f} s, eval {c.eval_s:.1f} s "
                      f"({c.tokens / max(c.eval_s, 1e-9):,.0f} tok/s)")
     return "\n".join(lines)
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 

@@ -18,7 +18,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lm_eval.tasks
 import pytest
 from click.testing import CliRunner
 from lm_eval import simple_evaluate
@@ -307,7 +306,7 @@ def no_model(monkeypatch, tm):
         assert include_path == [str(TASKS)]
         return tm
     monkeypatch.setattr(backend, "launch", launch)
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager", task_manager)
+    monkeypatch.setattr(backend, "TaskManager", task_manager)
 
 
 def run_cli(*args) -> object:
