@@ -24,6 +24,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
+import llamafuse.runtime
 import llamafuse.runtime.lm_eval as backend
 from llamafuse.convert.sources import open_source
 from llamafuse.convert.write import convert
@@ -334,6 +335,15 @@ def test_cli_refuses_unknown_task(ours_sp, no_model):
 def test_cli_refuses_missing_include_path(ours_sp, work, no_model):
     line = one_line_error(run_cli(ours_sp, "--include-path", work / "nowhere", "--tasks", "arc_easy_local"))
     assert "--include-path" in line and "nowhere" in line
+
+
+def test_cli_without_the_harness(ours_sp, monkeypatch):
+    """Without lm-eval installed (the core install), `llama-run lm-eval` says how to get it."""
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    monkeypatch.delitem(sys.modules, "llamafuse.runtime.lm_eval")
+    monkeypatch.delattr(llamafuse.runtime, "lm_eval")
+    line = one_line_error(run_cli(ours_sp, "--tasks", "arc_easy"))
+    assert "pip install 'llamafuse[lm-eval]'" in line
 
 
 # ---------------------------------------------------------------- SmolLM2 (real 135M model)
