@@ -45,7 +45,8 @@ class CallStats:
     hf_tokens: int      # what the harness's hf backend runs: each distinct input once
     request_tokens: int # what a backend running each request on its own runs
     load_s: float
-    eval_s: float
+    first_batch_s: float   # the first batch alone (includes compiling kernels on sm80+ GPUs)
+    eval_s: float          # all batches, the first included
 
 
 @register_model("llamafuse")
@@ -169,7 +170,8 @@ class LlamafuseLM(TemplateLM):
         result = launch(score_worker, self.manifest.tp, self.replicas, self.device_type, self.folder,
                         self.manifest, groups, settings)
         self.calls.append(CallStats(request_type, len(requests), result.tokens, hf_tokens(requests),
-                                    sum(len(r.inputs) for r in requests), result.load_s, result.eval_s))
+                                    sum(len(r.inputs) for r in requests), result.load_s, result.first_batch_s,
+                                    result.eval_s))
         return [result.scores[i][0] for i in range(len(requests))]
 
     def get_model_info(self) -> dict[str, Any]:
@@ -281,7 +283,7 @@ def report(job: Job, results: dict, num_fewshot: int | None, limit: int | None) 
     for c in lm.calls:
         lines.append(f"{c.request_type}: {c.requests:,} requests, {c.tokens:,} tokens run (hf backend: "
                      f"{c.hf_tokens:,}, {c.hf_tokens / max(c.tokens, 1):.2f}x; one forward per request: "
-                     f"{c.request_tokens:,}); load {c.load_s:.1f} s, eval {c.eval_s:.1f} s "
-                     f"({c.tokens / max(c.eval_s, 1e-9):,.0f} tok/s)")
+                     f"{c.request_tokens:,}); load {c.load_s:.1f} s, eval {c.eval_s:.1f} s (first batch "
+                     f"{c.first_batch_s:.1f} s), {c.tokens / max(c.eval_s, 1e-9):,.0f} tok/s")
     return "\n".join(lines)
 
