@@ -382,5 +382,56 @@ def verify_cmd(model: Path) -> None:
     click.echo(f"{model}: all {len(files)} files ({len(m.ranks)} rank files and the tokenizer) match the manifest")
 
 
+# ---------------------------------------------------------------- lm-eval
+
+
+@main.command("lm-eval")
+@model_arg
+@click.option("--tasks", required=True, help="Comma-separated lm-evaluation-harness task or group names.")
+@click.option("--num-fewshot", type=click.IntRange(min=0), default=None,
+              help="Few-shot examples per prompt [default: each task's own].")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N docs of each task.")
+@click.option("--include-path", type=click.Path(path_type=Path), multiple=True,
+              help="A folder of extra task configs (repeatable).")
+@click.option("--output-path", type=click.Path(path_type=Path), default=None,
+              help="Write the harness's result files here (a folder, or a .json file).")
+@click.option("--log-samples", is_flag=True, help="Also write every doc's requests and scores (needs --output-path).")
+@click.option("--batch-tokens", type=click.IntRange(min=1), default=None,
+              help="Tokens per packed batch [default: 16384 on CUDA, 2048 on CPU].")
+@device_opt
+@click.option("--replicas", type=click.IntRange(min=1), default=None,
+              help="Data-parallel copies of the model [default: all GPUs / tp; 1 on CPU].")
+@click.option("--attention", type=click.Choice(ATTENTION_CHOICES), default="auto", show_default=True,
+              help="Attention kernel: flex (FlexAttention, sm80+) or blocks (SDPA with a mask: CPU, V100).")
+@user_errors
+def lm_eval_cmd(model: Path, tasks: str, num_fewshot: int | None, limit: int | None, include_path: tuple[Path, ...],
+                output_path: Path | None, log_samples: bool, batch_tokens: int | None, device: str | None,
+                replicas: int | None, attention: str) -> None:
+    """Run lm-evaluation-harness tasks (loglikelihood and perplexity) with every shared prefix
+    computed once; prints the harness's results table. Needs `pip install 'llamafuse[lm-eval]'`."""
+    if log_samples and output_path is None:
+        raise LlamafuseError("--log-samples needs --output-path (where the samples go)")
+    if output_path is not None:
+        _check_output_folder(output_path)
+    try:
+        from . import lm_eval as backend
+    except ImportError as e:
+        raise LlamafuseError(f"lm-evaluation-harness is not installed ({e}); "
+                             "pip install 'llamafuse[lm-eval]'") from None
+    job = backend.prepare(model, tasks, include_path, device, batch_tokens, replicas, attention)
+    results = backend.run(job, num_fewshot, limit, log_samples, output_path)
+    click.echo(backend.report(job, results, num_fewshot, limit))
+
+
+def _check_output_folder(path: Path) -> None:
+    """The harness can create its files under `path` (checked now, not after the evaluation)."""
+    folder = path.parent if path.suffix == ".json" else path
+    if path.suffix != ".json" and path.is_file():
+        raise LlamafuseError(f"--output-path {path}: is a file (give a folder or a .json file)")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise LlamafuseError(f"--output-path {path}: cannot write in {existing}")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,289 @@
+"""An lm-evaluation-harness backend: every loglikelihood request scored through the prefix forest.
+
+Importing this module registers `LlamafuseLM` as the harness's model `llamafuse`. The harness
+hands the backend all requests of one type (of all tasks) at once; they are tokenized by the
+harness's own rules (`TemplateLM._encode_pair`, its empty-context rule, HFLM's BOS rule and
+rolling windows) and scored together by `evaluate.score_worker`, so contexts shared by a
+question's choices, few-shot prompts shared by a task's questions and any other common prefix
+are computed once. `run` is `llama-run lm-eval`: the harness's evaluator with this model.
+
+Absolute imports only: `lm_eval` here is the harness, never this module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lm_eval.models  # noqa: F401 - the harness's own models first: its registry loads them only when empty
+from lm_eval import simple_evaluate
+from lm_eval import utils as harness_utils
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.loggers import EvaluationTracker
+from lm_eval.tasks import TaskManager
+
+from llamafuse.formats import LlamafuseError, load_manifest
+from llamafuse.formats.tokenizer import SentencePieceTokenizer, Tokenizer
+
+from .cli import _bos_id, _device, _replicas, _tokenizer
+from .evaluate import Group, Request, Score, Settings, score_worker
+from .hellaswag import _one_line
+from .packing import pack_groups, prefix_forest
+from .parallel import launch, launched_rank
+
+GENERATION = "generate_until"
+
+
+@dataclass(frozen=True)
+class CallStats:
+    """One call of the engine: what it ran and how long it took."""
+    request_type: str   # "loglikelihood" or "loglikelihood_rolling"
+    requests: int       # requests scored (rolling: windows)
+    tokens: int         # forest tokens run
+    hf_tokens: int      # what the harness's hf backend runs: each distinct input once
+    request_tokens: int # what a backend running each request on its own runs
+    load_s: float
+    first_batch_s: float   # the first batch alone (includes compiling kernels on sm80+ GPUs)
+    eval_s: float          # all batches, the first included
+
+
+@register_model("llamafuse")
+class LlamafuseLM(TemplateLM):
+    """A llamafuse-converted model folder as a harness model.
+
+    `pretrained`: the folder; `device`: cpu or cuda [default: cuda if available]; `batch_tokens`:
+    forest tokens per batch [default: 16384 on CUDA, 2048 on CPU]; `replicas`: data-parallel
+    copies [default: all GPUs / tp; 1 on CPU]. The harness's own `batch_size` and
+    `max_batch_size` (which its CLI always passes) do not apply: batches are sized in tokens.
+    """
+
+    def __init__(self, pretrained: str | Path, device: str | None = None, batch_tokens: int | None = None,
+                 replicas: int | None = None, attention: str = "auto",
+                 batch_size: int | str | None = None, max_batch_size: int | None = None) -> None:
+        super().__init__()
+        if launched_rank() is not None:
+            raise LlamafuseError("the lm-eval backend starts its own processes (tp and replicas); "
+                                 "run it without torchrun")
+        self.folder = Path(pretrained)
+        self.manifest = load_manifest(self.folder)
+        self.device_type = _device(device)
+        self.replicas = _replicas(self.device_type, self.manifest.tp, None if replicas is None else int(replicas))
+        self.batch_tokens = int(batch_tokens) if batch_tokens is not None else (16384 if self.device_type == "cuda" else 2048)
+        if self.batch_tokens < 1:
+            raise LlamafuseError(f"batch_tokens must be positive, got {self.batch_tokens}")
+        self.attention = attention
+        self.tok: Tokenizer = _tokenizer(self.folder, self.manifest)
+        self.bos = _bos_id(self.manifest, None)   # the tokenizer's own rule: HFLM's add_special_tokens
+        self.calls: list[CallStats] = []
+        self._names: list[str] | None = None   # the requests' tasks and docs, during `loglikelihood`
+
+    # ------------------------------------------------ tokenization (HFLM's rules on our tokenizer)
+
+    @property
+    def eot_token_id(self) -> int | None:
+        return self.manifest.tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        """HFLM's: BOS if the tokenizer has one, else EOS."""
+        t = self.manifest.tokenizer
+        token = t.bos_id if t.bos_id is not None else t.eos_id
+        if token is None:
+            raise LlamafuseError(f"the model's tokenizer ({t.file}) has neither a BOS nor an EOS token, "
+                                 "which the harness puts before empty contexts and rolling windows")
+        return token
+
+    @property
+    def max_length(self) -> int:
+        """Positions the rotary tables cover."""
+        return self.manifest.config.max_seq_len
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None) -> list[int]:
+        """HFLM.tok_encode with default arguments: the tokenizer's own BOS rule (recorded in the
+        manifest) unless `add_special_tokens` says otherwise or `string` already starts with the
+        prefix token's text."""
+        if add_special_tokens is None:
+            add_special_tokens = not self._starts_with_prefix(string)
+        ids = self.tok.encode([string])[0]
+        return [self.bos, *ids] if add_special_tokens and self.bos is not None else ids
+
+    def _starts_with_prefix(self, string: str) -> bool:
+        t = self.manifest.tokenizer
+        if t.bos_id is None and t.eos_id is None:
+            return False
+        token = self.prefix_token_id
+        text = (self.tok.sp.id_to_piece(token) if isinstance(self.tok, SentencePieceTokenizer)
+                else self.tok.tok.id_to_token(token))  # type: ignore[attr-defined]
+        return string.startswith(text)
+
+    # ------------------------------------------------ the harness's request types
+
+    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """The harness's tokenization (TemplateLM.loglikelihood), then one engine run for all."""
+        self._names = [_name(r) for r in requests]
+        try:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._names = None
+
+    def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
+                              disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        names = self._names or [f"request {i}" for i in range(len(requests))]
+        reqs = [Request(tuple(ctx), tuple(cont)) for _, ctx, cont in requests]
+        return self.score(reqs, names, "loglikelihood")
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        """HFLM's rolling windows at `max_length` (disjoint, one token of context at least), every
+        window of every document scored in one engine run; a document's log-likelihood is the sum."""
+        windows: list[Request] = []
+        names: list[str] = []
+        owner: list[int] = []
+        for i, r in enumerate(requests):
+            (string,) = r.args
+            for ctx, cont in map(harness_utils.make_disjoint_window, harness_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append(Request(tuple(ctx), tuple(cont)))
+                names.append(_name(r))
+                owner.append(i)
+        totals = [0.0] * len(requests)
+        for i, (ll, _) in zip(owner, self.score(windows, names, "loglikelihood_rolling")):
+            totals[i] += ll
+        return totals
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        tasks = sorted({str(r.task_name) for r in requests})
+        raise LlamafuseError(f"task {', '.join(tasks)}: needs text generation (generate_until), "
+                             "which llamafuse does not do (loglikelihood tasks only)")
+
+    # ------------------------------------------------ the engine
+
+    def score(self, requests: list[Request], names: list[str], request_type: str) -> list[Score]:
+        """(log-likelihood, greedy) of each request: one model load and one run for all of them."""
+        if not requests:
+            return []
+        check_lengths(requests, names, self.max_length)
+        groups = [Group(i, (r,)) for i, r in enumerate(requests)]
+        settings = Settings(self.batch_tokens, self.attention, label=request_type, unit="request")
+        result = launch(score_worker, self.manifest.tp, self.replicas, self.device_type, self.folder,
+                        self.manifest, groups, settings)
+        self.calls.append(CallStats(request_type, len(requests), result.tokens, hf_tokens(requests),
+                                    sum(len(r.inputs) for r in requests), result.load_s, result.first_batch_s,
+                                    result.eval_s))
+        return [result.scores[i][0] for i in range(len(requests))]
+
+    def get_model_info(self) -> dict[str, Any]:
+        """Recorded in the harness's results under `config`."""
+        m = self.manifest
+        return {"model_path": str(self.folder), "model_dtype": m.dtype, "tp": m.tp, "replicas": self.replicas,
+                "device": self.device_type, "batch_tokens": self.batch_tokens}
+
+
+def _name(r: Instance) -> str:
+    """Where a request comes from, for messages."""
+    return f"task {r.task_name} doc {r.doc_id}"
+
+
+def check_lengths(requests: list[Request], names: list[str], max_len: int) -> None:
+    """Every request has tokens to score and fits the rotary tables (where the hf backend would cut
+    the context's left end, llamafuse refuses)."""
+    for r, name in zip(requests, names):
+        if not r.context or not r.continuation:
+            raise LlamafuseError(f"{name}: a request needs a non-empty context and continuation (in tokens)")
+    long = [(len(r.inputs), name) for r, name in zip(requests, names) if len(r.inputs) > max_len]
+    if long:
+        n, name = max(long)
+        raise LlamafuseError(f"{name}: {n} positions, the model's rotary tables cover {max_len} "
+                             f"({len(long)} of {len(requests)} requests are too long)")
+
+
+def hf_tokens(requests: list[Request]) -> int:
+    """Tokens the harness's hf backend runs: one forward per distinct input (context + continuation
+    less its last token; its `logits_cache` shares one forward among one-token continuations)."""
+    return sum(len(x) for x in {tuple(r.inputs) for r in requests})
+
+
+def forest_tokens(requests: list[Request], batch_tokens: int | None) -> int:
+    """Tokens the engine runs for `requests` at `batch_tokens` per batch (None: all in one forest)."""
+    seqs = [r.inputs for r in requests]
+    if batch_tokens is None:
+        return len(prefix_forest(seqs))
+    return sum(len(prefix_forest([seqs[i] for i in b])) for b in pack_groups([[s] for s in seqs], batch_tokens))
+
+
+# ---------------------------------------------------------------- llama-run lm-eval
+
+
+@dataclass(frozen=True)
+class Job:
+    """A checked `llama-run lm-eval` run: tasks loaded, nothing scored yet."""
+    lm: LlamafuseLM
+    task_manager: TaskManager
+    tasks: list[Any]                   # the requested tasks and groups (harness objects)
+
+
+def prepare(model: Path, tasks: str, include_path: tuple[Path, ...], device: str | None,
+            batch_tokens: int | None, replicas: int | None, attention: str) -> Job:
+    """Check everything that can be checked before the model is loaded: the model folder, the
+    include paths, the task names, and that no task needs generation."""
+    lm = LlamafuseLM(model, device, batch_tokens, replicas, attention)
+    for p in include_path:
+        if not p.is_dir():
+            raise LlamafuseError(f"--include-path {p}: no such folder")
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise LlamafuseError("--tasks: no task names")
+    tm = TaskManager(include_path=[str(p) for p in include_path] or None)
+    unknown = [n for n in names if n not in tm.all_tasks]
+    if unknown:
+        raise LlamafuseError(f"unknown task(s): {', '.join(unknown)} (see `lm-eval ls tasks`; "
+                             "--include-path DIR adds a folder of task configs)")
+    try:
+        loaded = tm.load(names)
+    except Exception as e:  # noqa: BLE001 - a task's config or data: the harness raises anything
+        raise LlamafuseError(f"--tasks {tasks}: the harness could not load them ({_one_line(e)})") from None
+    generating = sorted(n for n, t in loaded["tasks"].items() if t.OUTPUT_TYPE == GENERATION)
+    if generating:
+        raise LlamafuseError(f"task {', '.join(generating)}: needs text generation (generate_until), "
+                             "which llamafuse does not do (loglikelihood tasks only)")
+    children = {c for kids in loaded.get("group_map", {}).values() for c in kids}
+    top = [g for n, g in loaded.get("groups", {}).items() if n not in children]
+    top += [t for n, t in loaded["tasks"].items() if n not in children]
+    return Job(lm, tm, top)
+
+
+def run(job: Job, num_fewshot: int | None, limit: int | None, log_samples: bool,
+        output_path: Path | None) -> dict:
+    """The harness's evaluator with our model; its result files under `output_path` as its CLI
+    writes them. Returns the harness's results (samples removed)."""
+    tracker = EvaluationTracker(output_path=str(output_path)) if output_path else None
+    lm = job.lm
+    results = simple_evaluate(model=lm, model_args={"pretrained": str(lm.folder), **lm.get_model_info()},
+                              tasks=job.tasks, num_fewshot=num_fewshot, limit=limit, log_samples=log_samples,
+                              evaluation_tracker=tracker, task_manager=job.task_manager)
+    samples = results.pop("samples", None) if log_samples else None
+    if tracker is not None:
+        tracker.save_results_aggregated(results=results, samples=samples)
+        if samples is not None:
+            for task in results["configs"]:
+                tracker.save_results_samples(task_name=task, samples=samples[task])
+    return results
+
+
+def report(job: Job, results: dict, num_fewshot: int | None, limit: int | None) -> str:
+    """The harness's tables, then what the engine ran."""
+    lm, m = job.lm, job.lm.manifest
+    lines = [f"llamafuse ({lm.folder}, {m.dtype}, tp {m.tp} x {lm.replicas} replica(s) on {lm.device_type}), "
+             f"limit: {limit}, num_fewshot: {num_fewshot}, batch_tokens: {lm.batch_tokens}",
+             harness_utils.make_table(results)]
+    if "groups" in results:
+        lines.append(harness_utils.make_table(results, "groups"))
+    for c in lm.calls:
+        lines.append(f"{c.request_type}: {c.requests:,} requests, {c.tokens:,} tokens run (hf backend: "
+                     f"{c.hf_tokens:,}, {c.hf_tokens / max(c.tokens, 1):.2f}x; one forward per request: "
+                     f"{c.request_tokens:,}); load {c.load_s:.1f} s, eval {c.eval_s:.1f} s (first batch "
+                     f"{c.first_batch_s:.1f} s), {c.tokens / max(c.eval_s, 1e-9):,.0f} tok/s")
+    return "\n".join(lines)
+
