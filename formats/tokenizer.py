@@ -33,6 +33,10 @@ class Tokenizer:
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         raise NotImplementedError
 
+    def token_text(self, token: int) -> str:
+        """The text of one token as the tokenizer spells it (special tokens as `<s>` etc.)."""
+        raise NotImplementedError
+
 
 class SentencePieceTokenizer(Tokenizer):
     def __init__(self, data: bytes, where: str):
@@ -46,6 +50,9 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         return self.sp.encode(list(texts))
 
+    def token_text(self, token: int) -> str:
+        return self.sp.id_to_piece(token)
+
 
 class HFTokenizer(Tokenizer):
     def __init__(self, data: bytes, where: str):
@@ -58,6 +65,9 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def token_text(self, token: int) -> str:
+        return self.tok.id_to_token(token)
 
 
 def make_tokenizer(name: str, data: bytes, model_vocab: int, where: str) -> Tokenizer:

@@ -19,11 +19,11 @@ from tqdm import tqdm
 from llamafuse.formats import LlamafuseError, Manifest, load_manifest
 from llamafuse.formats.interrupts import Interrupted, interrupts
 from llamafuse.formats.manifest import MANIFEST, sha256_file
-from llamafuse.formats.tokenizer import Tokenizer, read_tokenizer
 
 from . import hellaswag
 from .attention import ATTENTION_CHOICES
 from .evaluate import Group, RunResult, Settings, check_requests, score_worker
+from .options import bos_id, model_tokenizer, resolve_device, resolve_replicas
 from .parallel import launch, launched_rank
 from .samples import SampleWriter, SamplesFile
 from .validate import TOLERANCE, compare, logits_worker
@@ -69,44 +69,6 @@ def user_errors(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # ---------------------------------------------------------------- shared checks
-
-
-def _device(name: str | None) -> str:
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LlamafuseError("--device cuda, but no CUDA device is available")
-    return name
-
-
-def _replicas(device: str, tp: int, replicas: int | None) -> int:
-    if replicas is not None:
-        if device == "cuda" and replicas * tp > torch.cuda.device_count():
-            raise LlamafuseError(f"--replicas {replicas} x tp {tp} needs {replicas * tp} GPUs, "
-                                 f"{torch.cuda.device_count()} available")
-        return replicas
-    if device == "cuda":
-        if torch.cuda.device_count() < tp:
-            raise LlamafuseError(f"the model has tp={tp} but only {torch.cuda.device_count()} GPU(s) are available")
-        return torch.cuda.device_count() // tp
-    return 1
-
-
-def _tokenizer(folder: Path, m: Manifest) -> Tokenizer:
-    """The model's tokenizer, checked against the manifest's size and checksum."""
-    path = folder / m.tokenizer.file
-    if path.is_file() and (path.stat().st_size != m.tokenizer.bytes or sha256_file(path) != m.tokenizer.sha256):
-        raise LlamafuseError(f"{path}: differs from the tokenizer the manifest records (size or sha256)")
-    return read_tokenizer(path, m.config.vocab_size)
-
-
-def _bos_id(m: Manifest, bos: bool | None) -> int | None:
-    """The BOS to put first: the tokenizer's own rule unless --bos/--no-bos says otherwise."""
-    if not (m.tokenizer.add_bos if bos is None else bos):
-        return None
-    if m.tokenizer.bos_id is None:
-        raise LlamafuseError(f"--bos: the model's tokenizer ({m.tokenizer.file}) has no BOS token")
-    return m.tokenizer.bos_id
 
 
 def _check_output(path: Path | None, force: bool, option: str, hint: str = "use --force to overwrite") -> None:
@@ -217,17 +179,17 @@ def hellaswag_cmd(model: Path, data: str | None, limit: int | None, bos: bool | 
 def _hellaswag_job(model: Path, data: str | None, limit: int | None, bos: bool | None, device: str | None,
                    batch_tokens: int | None, replicas: int | None, attention: str) -> HellaswagJob:
     m = load_manifest(model)
-    dev = _device(device)
-    n_rep = _replicas(dev, m.tp, replicas)
-    bos_id = _bos_id(m, bos)
-    items = hellaswag.build_items(hellaswag.load_docs(data, limit), _tokenizer(model, m), bos_id)
+    dev = resolve_device(device)
+    n_rep = resolve_replicas(dev, m.tp, replicas)
+    bos_token = bos_id(m, bos)
+    items = hellaswag.build_items(hellaswag.load_docs(data, limit), model_tokenizer(model, m), bos_token)
     groups = [it.group() for it in items]
     check_requests(groups, m.config.max_seq_len, "hellaswag doc")
     settings = Settings(batch_tokens or (16384 if dev == "cuda" else 2048), attention, label="hellaswag")
     data_id = data or hellaswag.HUB_ID
     if Path(data_id).is_file():
         data_id = f"{Path(data_id).name} sha256:{sha256_file(Path(data_id))}"
-    run = {"model": hashlib.sha256((model / MANIFEST).read_bytes()).hexdigest(), "bos": bos_id is not None,
+    run = {"model": hashlib.sha256((model / MANIFEST).read_bytes()).hexdigest(), "bos": bos_token is not None,
            "data": data_id, "limit": limit}
     return HellaswagJob(model, m, dev, n_rep, items, groups, settings, data or hellaswag.HUB_ID, run)
 
@@ -300,10 +262,10 @@ def logits_cmd(model: Path, text: str, bos: bool | None, device: str | None, out
     """Write `tokens` (int64 [T]) and float32 `logits` [T, vocab] for TEXT."""
     from safetensors.torch import save
     m = load_manifest(model)
-    dev = _device(device)
+    dev = resolve_device(device)
     _check_output(output, force, "--output")
-    bos_id = _bos_id(m, bos)
-    tokens = ([] if bos_id is None else [bos_id]) + _tokenizer(model, m).encode([text])[0]
+    bos_token = bos_id(m, bos)
+    tokens = ([] if bos_token is None else [bos_token]) + model_tokenizer(model, m).encode([text])[0]
     _check_tokens(tokens, m, "--text")
     result = launch(logits_worker, m.tp, 1, dev, model, m, [tokens])
     if result is None:  # a non-zero rank under torchrun
@@ -325,11 +287,11 @@ def logits_cmd(model: Path, text: str, bos: bool | None, device: str | None, out
 def validate_cmd(model: Path, reference: Path, device: str | None) -> None:
     """Compare the converted model's logits with a reference; exit 1 if outside tolerance."""
     m = load_manifest(model)
-    dev = _device(device)
+    dev = resolve_device(device)
     if reference.is_dir():
         from llamafuse.convert.reference import reference_logits
         from llamafuse.convert.sources import open_source
-        tok = _tokenizer(model, m)
+        tok = model_tokenizer(model, m)
         bos = [] if m.tokenizer.bos_id is None else [m.tokenizer.bos_id]
         seqs = [bos + ids for ids in tok.encode(list(VALIDATION_TEXTS))]
         ref = reference_logits(open_source(reference), seqs)

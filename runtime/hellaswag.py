@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from llamafuse.formats.errors import LlamafuseError
+from llamafuse.formats.errors import LlamafuseError, one_line
 
 from .evaluate import Group, Request
 
@@ -79,7 +79,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
                     raise LlamafuseError(f"{path.name} line {lineno}: invalid JSON ({e.msg})") from None
                 yield f"{path.name} line {lineno}", row
     except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise LlamafuseError(f"{path.name}: cannot read ({_one_line(e)})") from None
+        raise LlamafuseError(f"{path.name}: cannot read ({one_line(e)})") from None
 
 
 def _hub_rows(name: str) -> list[tuple[str, Any]]:
@@ -91,15 +91,9 @@ def _hub_rows(name: str) -> list[tuple[str, Any]]:
         return [(f"{name} row {i}", row) for i, row in enumerate(datasets.load_dataset(name, split=HUB_SPLIT), 1)]
     except Exception as e:
         raise LlamafuseError(
-            f"cannot load hub dataset {name!r} ({_one_line(e)}); "
+            f"cannot load hub dataset {name!r} ({one_line(e)}); "
             "pass --data PATH to a local hellaswag .jsonl or .jsonl.gz file"
         ) from None
-
-
-def _one_line(e: BaseException) -> str:
-    """An exception as one short line."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def _validate_row(where: str, row: Any) -> dict:

@@ -25,11 +25,11 @@ from lm_eval.loggers import EvaluationTracker
 from lm_eval.tasks import TaskManager
 
 from llamafuse.formats import LlamafuseError, load_manifest
-from llamafuse.formats.tokenizer import SentencePieceTokenizer, Tokenizer
+from llamafuse.formats.errors import one_line
+from llamafuse.formats.tokenizer import Tokenizer
 
-from .cli import _bos_id, _device, _replicas, _tokenizer
 from .evaluate import Group, Request, Score, Settings, score_worker
-from .hellaswag import _one_line
+from .options import bos_id, model_tokenizer, resolve_device, resolve_replicas
 from .packing import pack_groups, prefix_forest
 from .parallel import launch, launched_rank
 
@@ -45,8 +45,8 @@ class CallStats:
     hf_tokens: int      # what the harness's hf backend runs: each distinct input once
     request_tokens: int # what a backend running each request on its own runs
     load_s: float
-    first_batch_s: float   # the first batch alone (includes compiling kernels on sm80+ GPUs)
-    eval_s: float          # all batches, the first included
+    compile_s: float       # compiling kernels before the first batch (sm80+ GPUs)
+    eval_s: float          # all batches
 
 
 @register_model("llamafuse")
@@ -68,14 +68,14 @@ class LlamafuseLM(TemplateLM):
                                  "run it without torchrun")
         self.folder = Path(pretrained)
         self.manifest = load_manifest(self.folder)
-        self.device_type = _device(device)
-        self.replicas = _replicas(self.device_type, self.manifest.tp, None if replicas is None else int(replicas))
+        self.device_type = resolve_device(device)
+        self.replicas = resolve_replicas(self.device_type, self.manifest.tp, None if replicas is None else int(replicas))
         self.batch_tokens = int(batch_tokens) if batch_tokens is not None else (16384 if self.device_type == "cuda" else 2048)
         if self.batch_tokens < 1:
             raise LlamafuseError(f"batch_tokens must be positive, got {self.batch_tokens}")
         self.attention = attention
-        self.tok: Tokenizer = _tokenizer(self.folder, self.manifest)
-        self.bos = _bos_id(self.manifest, None)   # the tokenizer's own rule: HFLM's add_special_tokens
+        self.tok: Tokenizer = model_tokenizer(self.folder, self.manifest)
+        self.bos = bos_id(self.manifest, None)   # the tokenizer's own rule: HFLM's add_special_tokens
         self.calls: list[CallStats] = []
         self._names: list[str] | None = None   # the requests' tasks and docs, during `loglikelihood`
 
@@ -114,9 +114,7 @@ class LlamafuseLM(TemplateLM):
         if t.bos_id is None and t.eos_id is None:
             return False
         token = self.prefix_token_id
-        text = (self.tok.sp.id_to_piece(token) if isinstance(self.tok, SentencePieceTokenizer)
-                else self.tok.tok.id_to_token(token))  # type: ignore[attr-defined]
-        return string.startswith(text)
+        return string.startswith(self.tok.token_text(token))
 
     # ------------------------------------------------ the harness's request types
 
@@ -170,7 +168,7 @@ class LlamafuseLM(TemplateLM):
         result = launch(score_worker, self.manifest.tp, self.replicas, self.device_type, self.folder,
                         self.manifest, groups, settings)
         self.calls.append(CallStats(request_type, len(requests), result.tokens, hf_tokens(requests),
-                                    sum(len(r.inputs) for r in requests), result.load_s, result.first_batch_s,
+                                    sum(len(r.inputs) for r in requests), result.load_s, result.compile_s,
                                     result.eval_s))
         return [result.scores[i][0] for i in range(len(requests))]
 
@@ -243,7 +241,7 @@ def prepare(model: Path, tasks: str, include_path: tuple[Path, ...], device: str
     try:
         loaded = tm.load(names)
     except Exception as e:  # noqa: BLE001 - a task's config or data: the harness raises anything
-        raise LlamafuseError(f"--tasks {tasks}: the harness could not load them ({_one_line(e)})") from None
+        raise LlamafuseError(f"--tasks {tasks}: the harness could not load them ({one_line(e)})") from None
     generating = sorted(n for n, t in loaded["tasks"].items() if t.OUTPUT_TYPE == GENERATION)
     if generating:
         raise LlamafuseError(f"task {', '.join(generating)}: needs text generation (generate_until), "
@@ -283,7 +281,7 @@ def report(job: Job, results: dict, num_fewshot: int | None, limit: int | None) 
     for c in lm.calls:
         lines.append(f"{c.request_type}: {c.requests:,} requests, {c.tokens:,} tokens run (hf backend: "
                      f"{c.hf_tokens:,}, {c.hf_tokens / max(c.tokens, 1):.2f}x; one forward per request: "
-                     f"{c.request_tokens:,}); load {c.load_s:.1f} s, eval {c.eval_s:.1f} s (first batch "
-                     f"{c.first_batch_s:.1f} s), {c.tokens / max(c.eval_s, 1e-9):,.0f} tok/s")
+                     f"{c.request_tokens:,}); load {c.load_s:.1f} s, compile {c.compile_s:.1f} s, eval {c.eval_s:.1f} s, "
+                     f"{c.tokens / max(c.eval_s, 1e-9):,.0f} tok/s")
     return "\n".join(lines)
 
