@@ -175,11 +175,12 @@ class GGUFSource(Source):
         g = self._get
         if g("tokenizer.ggml.model", str, None) is None:
             return None
+        k = "tokenizer.ggml."
         vocab = GGUFVocab(
-            model=g("tokenizer.ggml.model", str), pre=g("tokenizer.ggml.pre", str, None),
-            tokens=g("tokenizer.ggml.tokens", list, item=str), token_types=g("tokenizer.ggml.token_type", list, None, int),
-            scores=g("tokenizer.ggml.scores", list, None, float), merges=g("tokenizer.ggml.merges", list, None, str), bos_id=g("tokenizer.ggml.bos_token_id", int, None),
-            eos_id=g("tokenizer.ggml.eos_token_id", int, None), unk_id=g("tokenizer.ggml.unknown_token_id", int, None),
-            add_bos=g("tokenizer.ggml.add_bos_token", bool, None), add_eos=g("tokenizer.ggml.add_eos_token", bool, None),
-            add_space_prefix=g("tokenizer.ggml.add_space_prefix", bool, None))
+            model=g(k + "model", str), pre=g(k + "pre", str, None), tokens=g(k + "tokens", list, item=str),
+            token_types=g(k + "token_type", list, None, int), scores=g(k + "scores", list, None, float),
+            merges=g(k + "merges", list, None, str), bos_id=g(k + "bos_token_id", int, None),
+            eos_id=g(k + "eos_token_id", int, None), unk_id=g(k + "unknown_token_id", int, None),
+            add_bos=g(k + "add_bos_token", bool, None), add_eos=g(k + "add_eos_token", bool, None),
+            add_space_prefix=g(k + "add_space_prefix", bool, None))
         return gguf_tokenizer(vocab, f"{self.path} (tokenizer.ggml metadata)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -151,11 +151,20 @@ class Reference:
         except KeyError as e:
             raise LlamafuseError(f"{self.path}: tensor {e} not found") from None
 
-    @torch.no_grad()
     def logits(self, sequences: list[list[int]], dtype: torch.dtype = torch.float64,
                last: list[int] | None = None) -> list[torch.Tensor]:
         """Logits [T, vocab] for each token sequence, run causally on its own; with `last`, only
-        those of sequence j's last `last[j]` positions. Sequences of equal length run as a batch."""
+        those of sequence j's last `last[j]` positions."""
+        result: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
+        for j, lg in self.stream(sequences, dtype, last):
+            result[j] = lg
+        return result
+
+    @torch.no_grad()
+    def stream(self, sequences: list[list[int]], dtype: torch.dtype = torch.float64,
+               last: list[int] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(j, logits of sequence j) for every sequence, as `logits` computes them, one at a time
+        once all layers have run (sequences of equal length run through the layers as a batch)."""
         emb = self.tensor("embed")
         if any(not 0 <= t < self.vocab_size for s in sequences for t in s):
             raise LlamafuseError(f"{self.path}: a token id is outside the vocabulary (0..{self.vocab_size - 1})")
@@ -170,12 +179,10 @@ class Reference:
             for T, h in hs.items():
                 hs[T] = self._block(h, w, angles[:T].to(dtype), hd)
         norm, out = self.tensor("norm").to(dtype), self.tensor("output").to(dtype)
-        result: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
         for T, js in groups.items():
             for b, j in enumerate(js):
                 n = T if last is None else last[j]
-                result[j] = _rms_norm(hs[T][b, T - n:], norm, self.eps) @ out.T
-        return result
+                yield j, _rms_norm(hs[T][b, T - n:], norm, self.eps) @ out.T
 
     def _block(self, h: torch.Tensor, w: dict[str, torch.Tensor], angles: torch.Tensor, hd: int) -> torch.Tensor:
         B, T, _ = h.shape

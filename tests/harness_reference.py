@@ -21,8 +21,6 @@ import torch
 
 from llamafuse.formats.reference import Reference
 
-CHUNK = 60  # docs whose continuation logits are held at once
-
 
 def preprocess(text: str) -> str:
     """lm_eval/tasks/hellaswag/utils.py::preprocess."""
@@ -78,11 +76,10 @@ def loglikelihoods(ref: Reference, reqs: Sequence[tuple[list[int], list[int]]]) 
     take the log-softmax at the last len(cont) positions and sum the continuation tokens' log-probs."""
     assert all(cont for _, cont in reqs), "empty continuation"
     inputs = [(ctx + cont)[:-1] for ctx, cont in reqs]
-    logits = ref.logits(inputs, last=[len(cont) for _, cont in reqs])  # positions len(ctx)-1 .. end-1
-    lls = []
-    for (_, cont), lg in zip(reqs, logits, strict=True):
-        logp = torch.log_softmax(lg.double(), dim=-1)
-        lls.append(float(logp.gather(1, torch.tensor(cont, dtype=torch.long)[:, None]).sum()))
+    lls = [0.0] * len(reqs)
+    for j, logits in ref.stream(inputs, last=[len(cont) for _, cont in reqs]):  # positions len(ctx)-1 .. end-1
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        lls[j] = float(logp.gather(1, torch.tensor(reqs[j][1], dtype=torch.long)[:, None]).sum())
     return lls
 
 
@@ -93,10 +90,7 @@ def loglikelihood(ref: Reference, context_enc: list[int], continuation_enc: list
 
 def harness_scores(ref: Reference, docs: Sequence[dict], tok, bos_id: int | None) -> list[list[float]]:
     """Per doc, the four summed continuation log-likelihoods, as the harness computes them."""
-    reqs = [r for doc in docs for r in requests(doc, tok, bos_id)]
-    lls: list[float] = []
-    for i in range(0, len(reqs), 4 * CHUNK):
-        lls += loglikelihoods(ref, reqs[i:i + 4 * CHUNK])
+    lls = loglikelihoods(ref, [r for doc in docs for r in requests(doc, tok, bos_id)])
     return [lls[4 * i: 4 * i + 4] for i in range(len(docs))]
 
 

@@ -9,8 +9,6 @@ gguf-py; Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (which gguf-py only dequantizes) are rando
 """
 from __future__ import annotations
 
-import gzip
-import itertools
 import json
 import struct
 from pathlib import Path
@@ -20,7 +18,6 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
-from click.testing import CliRunner, Result
 from gguf import GGMLQuantizationType as Q
 
 from llamafuse.convert.cli import main as convert_main
@@ -31,49 +28,20 @@ from llamafuse.formats.config import RopeScaling
 from llamafuse.formats.reference import reference_logits
 from llamafuse.formats.tokenizer import make_tokenizer
 from llamafuse.runtime.cli import main as run_main
-from llamafuse.runtime.parallel import launch
-from llamafuse.runtime.validate import compare, logits_worker
+from llamafuse.runtime.validate import compare
 
 from checkpoints import random_meta_state_dict
 from conftest import DATA
 from gguf_files import K_QUANTS, QUANTIZABLE, sentencepiece_vocab, write_llama_gguf
-from harness_reference import process_doc
+from helpers import hellaswag_texts, model_logits, one_line_error, run
 
 STORIES_META = DATA / "stories260K" / "meta"
 LLAMA_TOK = DATA / "llama-tokenizer" / "tokenizer.model"
-VAL = DATA / "hellaswag" / "hellaswag_val.jsonl.gz"
 SEQS = [[1, 15, 60, 200, 7, 300, 33], [1, 400, 12]]
 TYPES = QUANTIZABLE + tuple(K_QUANTS)
 GGUF_OF = {"embed": "token_embd.weight", "output": "token_embd.weight", "layers.1.wq": "blk.1.attn_q.weight",
            "layers.0.wk": "blk.0.attn_k.weight", "layers.0.w2": "blk.0.ffn_down.weight",
            "layers.1.ffn_norm": "blk.1.ffn_norm.weight"}
-
-
-def hellaswag_texts(n_docs: int) -> list[str]:
-    """Every string the harness encodes for the first n_docs items: contexts and context + ending."""
-    with gzip.open(VAL, "rt", encoding="utf-8") as f:
-        docs = [process_doc(json.loads(line)) for line in itertools.islice(f, n_docs)]
-    return [t for d in docs for t in [d["query"]] + [d["query"] + " " + c for c in d["choices"]]]
-
-
-def model_logits(folder: Path, seqs: list[list[int]] = SEQS) -> list[torch.Tensor]:
-    m = load_manifest(folder)
-    return launch(logits_worker, m.tp, 1, "cpu", folder, m, seqs)
-
-
-def run(main, *args: object) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line_error(r: Result, prefix: str, *needles: str) -> str:
-    """Exit 2, no traceback, exactly one error line (after any progress bar), naming `needles`."""
-    assert "Traceback" not in r.output, r.output
-    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
-    lines = [ln for ln in r.stderr.replace("\r", "\n").splitlines() if ln.strip() and not ln.startswith("writing")]
-    assert len(lines) == 1 and lines[0].startswith(f"{prefix}: error:"), lines
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
