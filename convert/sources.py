@@ -3,6 +3,7 @@
 Logical names: `embed`, `norm`, `output`, and per layer `layers.{i}.{wq,wk,wv,wo,w1,w2,w3,
 attn_norm,ffn_norm}` (w1 = gate, w3 = up, w2 = down), in the source's dtype and rotary order.
 Tensors are memory-mapped and fetched one at a time, so memory stays bounded by a layer.
+Meta and Hugging Face folders are read here, GGUF files in `gguf.py`; `open_source` tells them apart.
 """
 from __future__ import annotations
 

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import LlamafuseError
 
+_READ_ERRORS = (OSError, RuntimeError, ValueError, TypeError, IndexError, OverflowError, EOFError,
+                pickle.UnpicklingError, SafetensorError)
 LAYER = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "attn_norm", "ffn_norm")
 # part -> (Meta name, dim its model-parallel shards are split on), Hugging Face name, GGUF name
 _NAMES = {
@@ -42,12 +46,16 @@ class Reference:
 
     def __init__(self, path: Path):
         self.path = path = Path(path)
-        if path.is_file() and path.suffix == ".gguf":
-            self._open_gguf(path)
-        elif (path / "params.json").is_file():
-            self._open_meta(path)
-        elif (path / "config.json").is_file():
-            self._open_hf(path)
+        opener = (self._open_gguf if path.is_file() and path.suffix == ".gguf" else
+                  self._open_meta if (path / "params.json").is_file() else
+                  self._open_hf if (path / "config.json").is_file() else None)
+        if opener is not None:
+            try:
+                opener(path)
+            except KeyError as e:
+                raise LlamafuseError(f"{path}: hyperparameter {e} not found") from None
+            except _READ_ERRORS as e:
+                raise LlamafuseError(f"{path}: unreadable ({str(e).splitlines()[0][:160]})") from None
         elif (path / "manifest.json").is_file():
             raise LlamafuseError(f"{path}: a llama-convert output folder; the reference must be the source checkpoint")
         elif path.exists():
@@ -116,16 +124,15 @@ class Reference:
     def _open_gguf(self, path: Path) -> None:
         from gguf import GGUFReader
         from gguf.quants import dequantize
-        try:
-            r = GGUFReader(path)
-            meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.")}
-        except (ValueError, KeyError, IndexError, OverflowError, UnicodeDecodeError) as e:
-            raise LlamafuseError(f"{path}: not a valid GGUF file ({e})") from None
+        r = GGUFReader(path)
+        meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.")}
         if meta.get("general.architecture") != "llama":
             raise LlamafuseError(f"{path}: architecture {meta.get('general.architecture')!r} is not supported by the reference")
         tensors = {t.name: t for t in r.tensors}
-        scaling = meta.get("llama.rope.scaling.type", "none")
-        rope = {"rope_type": "default" if scaling == "none" else scaling, "factor": meta.get("llama.rope.scaling.factor")}
+        legacy = meta.get("llama.rope.scale_linear")  # older files' spelling of linear scaling
+        scaling = meta.get("llama.rope.scaling.type", "none" if legacy is None else "linear")
+        rope = {"rope_type": "default" if scaling == "none" else scaling,
+                "factor": meta.get("llama.rope.scaling.factor", legacy)}
         factors = tensors.get("rope_freqs.weight")  # llama.cpp's per-frequency divisors (Llama 3.1+)
         self.rotary, self.n_layers = "interleaved", meta["llama.block_count"]
         self.n_heads, self.head_dim = meta["llama.attention.head_count"], meta.get("llama.attention.key_length")
@@ -150,6 +157,8 @@ class Reference:
             return self._get(part, layer)
         except KeyError as e:
             raise LlamafuseError(f"{self.path}: tensor {e} not found") from None
+        except _READ_ERRORS as e:
+            raise LlamafuseError(f"{self.path}: unreadable ({str(e).splitlines()[0][:160]})") from None
 
     def logits(self, sequences: list[list[int]], dtype: torch.dtype = torch.float64,
                last: list[int] | None = None) -> list[torch.Tensor]:
