@@ -162,7 +162,12 @@ def gguf_tokenizer(v: GGUFVocab, origin: str) -> TokenizerFile:
     if len(set(v.tokens)) != n:
         raise LlamafuseError(f"{origin}: tokenizer.ggml.tokens lists a token twice")
     types = v.token_types or [TokenType.NORMAL] * n
-    tok = _sentencepiece_bpe(v, types, origin) if v.model == "llama" else _byte_level_bpe(v, origin)
+    try:
+        tok = _sentencepiece_bpe(v, types, origin) if v.model == "llama" else _byte_level_bpe(v, origin)
+    except LlamafuseError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+        raise LlamafuseError(f"{origin}: cannot build its tokenizer ({str(e).splitlines()[0][:120]})") from None
     byte_level = v.model == "gpt2"
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, k in zip(v.tokens, types)
@@ -207,10 +212,13 @@ def _sentencepiece_bpe(v: GGUFVocab, types: list[int], origin: str) -> Tokenizer
     unk = v.tokens[v.unk_id] if v.unk_id is not None else None
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(v.tokens)}, merges, unk_token=unk, fuse_unk=True,
                                byte_fallback=True))
-    prefix = v.add_space_prefix is not False  # SentencePiece's add_dummy_prefix, on unless the file says not
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE)] * prefix + [normalizers.Replace(" ", SPACE)])
-    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-                                    + [decoders.Strip(" ", 1, 0)] * prefix)
+    spaces: list = [normalizers.Replace(" ", SPACE)]
+    decode: list = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if v.add_space_prefix is not False:  # SentencePiece's add_dummy_prefix, on unless the file says not
+        spaces.insert(0, normalizers.Prepend(SPACE))
+        decode.append(decoders.Strip(" ", 1, 0))
+    tok.normalizer = normalizers.Sequence(spaces)
+    tok.decoder = decoders.Sequence(decode)
     return tok
 
 
