@@ -329,9 +329,11 @@ def test_smollm2_references_agree(smol, smol_texts, smol_reference):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout,tp", [("gguf", 1), ("gguf", 3), ("hf", 1), ("hf", 3)])
-def test_smollm2_logits(smol, smol_texts, smol_reference, layout, tp):
-    c = compare(model_logits(smol[layout, tp], smol_texts), smol_reference)
+@pytest.mark.parametrize("tp", [1, 3])
+def test_smollm2_logits(smol, smol_texts, smol_reference, tp):
+    """float32 logits of the converted model (the HF copy's rank files are the same bytes) against the
+    float64 reference over the GGUF."""
+    c = compare(model_logits(smol["gguf", tp], smol_texts), smol_reference)
     assert c.rel <= 1e-4 and c.top1 == 1.0, c
 
 
@@ -379,9 +381,8 @@ def test_byte_level_pre_tokenizers(tmp_path, smollm2_gguf, pre):
 
 @pytest.mark.slow
 def test_smollm2_validate_cli(smol):
-    for ref in (smol["gguf"], smol["hf"]):
-        r = run(run_main, "validate", smol["gguf", 3], "--reference", ref, "--device", "cpu")
-        assert r.exit_code == 0 and "PASS" in r.stdout, r.output
+    r = run(run_main, "validate", smol["gguf", 1], "--reference", smol["gguf"], "--device", "cpu")
+    assert r.exit_code == 0 and "PASS" in r.stdout, r.output
 
 
 def harness_reference_lls(smol: dict, docs: list[dict]) -> list[list[float]]:
