@@ -115,7 +115,7 @@ def test_tensor_type(work, typed_gguf, qtype):
     assert src.tensor("layers.0.w1").abs().max() < 2  # sane weights: a test of numbers, not of infinities
     out = work / f"typed-{qtype.name}"
     convert(src, out, 1, "float32", progress=False)
-    c = compare(model_logits(out), reference_logits(path, SEQS))
+    c = compare(model_logits(out, SEQS), reference_logits(path, SEQS))
     assert c.rel <= 1e-4 and c.top1 == 1.0, c
 
 
@@ -123,7 +123,7 @@ def test_tensor_parallel_q4_k(work, typed_gguf):
     path = typed_gguf(Q.Q4_K)
     out = work / "typed-Q4_K-tp2"
     convert(open_source(path), out, 2, "float32", progress=False)
-    c = compare(model_logits(out), reference_logits(path, SEQS))
+    c = compare(model_logits(out, SEQS), reference_logits(path, SEQS))
     assert c.rel <= 1e-4 and c.top1 == 1.0, c
 
 
