@@ -31,6 +31,10 @@ _LAYER = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output", "
 _KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "an array"}
 
 
+if not callable(getattr(GGUFReader, "_get", None)):  # every read of the header goes through it
+    raise ImportError("this gguf package's GGUFReader has no _get: llamafuse's bounds checks need updating")
+
+
 class CheckedReader(GGUFReader):
     """gguf's reader with every read bounds-checked. The reader slices its memory map unchecked, so
     a truncated or hostile file would give short arrays, or loop over an absurd array count."""

@@ -379,13 +379,13 @@ def _hf_rope(d: dict[str, Any], path: Path) -> tuple[float, RopeScaling | None]:
     theta = _field(merged, "rope_theta", path, float, 10000.0)
     kind = merged.pop("rope_type", "default")
     merged.pop("rope_theta", None)
-    if kind == "default" and not merged:
-        return theta, None
-    if kind not in _ROPE_KEYS and kind != "default":
+    if kind != "default" and kind not in _ROPE_KEYS:
         raise LlamafuseError(f"{path}: rope type {kind!r} is not supported (default, {', '.join(_ROPE_KEYS)})")
     extra = sorted(merged.keys() - _ROPE_KEYS.get(kind, set()))
     if extra:
         raise LlamafuseError(f"{path}: rope type {kind!r} with '{extra[0]}' is not supported")
+    if kind == "default":
+        return theta, None
     try:
         return theta, RopeScaling(kind, **merged)
     except LlamafuseError as e:
