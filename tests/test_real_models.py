@@ -82,6 +82,12 @@ def test_transformers5_config(tmp_path):
     assert load_manifest(tmp_path / "a").ranks == load_manifest(tmp_path / "b").ranks
 
 
+def test_mistral_config_without_sliding_window(tmp_path):
+    """Mistral's config names the same architecture when it sets no sliding window (v0.2 on)."""
+    src = hf_copy(tmp_path / "src", model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=None)
+    assert open_source(src).config == open_source(STORIES_HF).config
+
+
 def test_rope_theta_only_in_rope_parameters(tmp_path):
     """A base named only under `rope_parameters` is the one used; validate's reference reads it on its
     own, so a conversion that took the default base instead fails validation (exit 1)."""
