@@ -50,7 +50,7 @@ SEQS = [[1, 15, 60, 200, 7, 300, 33] * 6, [1, 400, 12]]
 N_ITEMS = 300
 LL_TOL = 1e-3
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_CODE = ("formats/reference.py", "tests/harness_reference.py", "tests/smollm.py")
+REFERENCE_CODE = ("formats/reference.py", "tests/harness_reference.py")
 
 
 def hf_copy(dst: Path, drop: tuple[str, ...] = (), **config) -> Path:
@@ -393,18 +393,19 @@ def test_smollm2_validate_cli(smol):
 
 def harness_reference_lls(smol: dict, docs: list[dict]) -> list[list[float]]:
     """The independent harness re-implementation's log-likelihoods for `docs` (float64, one pair at a
-    time, tokenized by transformers' tokenizer.json from the HF copy, no BOS as that tokenizer adds
-    none). Computing them takes minutes on two cores, so they are kept in the test cache under a key
-    made of everything they depend on: the GGUF, the HF copy writer, the reference forward, the
-    harness re-implementation, the tokenizer, the data and the number of items."""
-    tok_json = smol["hf"] / "tokenizer.json"
+    time over the HF copy, tokenized by its transformers-written tokenizer.json, no BOS as that
+    tokenizer adds none). They take minutes on two cores, so they are kept in the test cache under a
+    key made of everything they are computed from: the HF copy's weights, config and tokenizer, the
+    reference forward, the harness re-implementation, the data and the number of items."""
+    hf = smol["hf"]
     h = hashlib.sha256()
-    for part in (sha256_file(smol["gguf"]), *(ROOT / f for f in REFERENCE_CODE), tok_json, VAL, str(len(docs))):
+    for part in (sha256_file(hf / "model.safetensors"), hf / "config.json", hf / "tokenizer.json",
+                 *(ROOT / f for f in REFERENCE_CODE), VAL, str(len(docs))):
         h.update(part.read_bytes() if isinstance(part, Path) else part.encode())
     f = CACHE / f"smollm2-harness-reference-{h.hexdigest()[:20]}.json"
     if f.is_file():
         return json.loads(f.read_text())
-    lls = harness_scores(Reference(smol["hf"]), docs, Tokenizer.from_file(str(tok_json)), None)
+    lls = harness_scores(Reference(hf), docs, Tokenizer.from_file(str(hf / "tokenizer.json")), None)
     tmp = f.with_suffix(f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps(lls))
     os.replace(tmp, f)
