@@ -1,6 +1,7 @@
 """Pure functions from full source tensors to one rank's fused tensors (no I/O)."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -18,11 +19,28 @@ def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, hd // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
 
 
-def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [max_seq_len, head_dim/2] float32, computed in float64."""
+def rope_frequencies(config: ModelConfig) -> torch.Tensor:
+    """Rotary frequencies [head_dim/2] in float64, rescaled as `config.rope_scaling` says
+    (transformers' `_compute_linear_scaling_rope_parameters` / `_compute_llama3_parameters`)."""
     hd = config.head_dim
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
-    angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float64), inv_freq)
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    if s.type == "linear":
+        return inv_freq / s.factor
+    orig, low, high = s.original_max_position_embeddings, s.low_freq_factor, s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    long = torch.where(wavelen > orig / low, inv_freq / s.factor, inv_freq)      # long wavelengths scaled
+    smooth = (orig / wavelen - low) / (high - low)
+    blend = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    medium = (wavelen >= orig / high) & (wavelen <= orig / low)
+    return torch.where(medium, blend, long)
+
+
+def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_seq_len, head_dim/2] float32, computed in float64."""
+    angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float64), rope_frequencies(config))
     return angles.cos().float(), angles.sin().float()
 
 

@@ -3,6 +3,7 @@
 Logical names: `embed`, `norm`, `output`, and per layer `layers.{i}.{wq,wk,wv,wo,w1,w2,w3,
 attn_norm,ffn_norm}` (w1 = gate, w3 = up, w2 = down), in the source's dtype and rotary order.
 Tensors are memory-mapped and fetched one at a time, so memory stays bounded by a layer.
+Meta and Hugging Face folders are read here, GGUF files in `gguf.py`; `open_source` tells them apart.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from llamafuse.formats import LlamafuseError, ModelConfig
+from llamafuse.formats.config import RopeScaling
 from llamafuse.formats.tensorfile import MappedFile
 from llamafuse.formats.tokenizer import HF_JSON, SENTENCEPIECE, TokenizerFile
 
@@ -27,7 +29,7 @@ DEFAULT_MAX_SEQ_LEN = 2048
 
 
 class Source:
-    """A checkpoint on disk. `rotary` is 'interleaved' (Meta) or 'rotate-half' (HF)."""
+    """A checkpoint on disk. `rotary` is 'interleaved' (Meta, GGUF) or 'rotate-half' (HF)."""
     layout: str
     rotary: str
     config: ModelConfig
@@ -76,7 +78,7 @@ def _field(d: dict[str, Any], key: str, path: Path, kind: type = int, default: A
         return None
     if kind is float and isinstance(v, int) and not isinstance(v, bool):
         v = float(v)
-    if not isinstance(v, kind) or isinstance(v, bool):
+    if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool):
         raise LlamafuseError(f"{path}: field '{key}' should be {kind.__name__}, got {v!r}")
     if positive and v <= 0:
         raise LlamafuseError(f"{path}: field '{key}' must be positive, got {v!r}")
@@ -138,6 +140,9 @@ class MetaSource(Source):
         if not params_path.is_file():
             raise LlamafuseError(f"{params_path}: not found (Meta checkpoints need params.json)")
         p = _read_json(params_path)
+        if p.get("use_scaled_rope"):
+            raise LlamafuseError(f"{params_path}: use_scaled_rope (Llama 3.1+) is not supported in Meta's layout, "
+                                 "which does not record the scaling; convert the Hugging Face checkpoint instead")
         self.files = files
         self.shards = [_load_pth(f) for f in files]
         self._check_shards()
@@ -225,32 +230,33 @@ class HFSource(Source):
         if not cfg_path.is_file():
             raise LlamafuseError(f"{cfg_path}: not found (Hugging Face checkpoints need config.json)")
         d = _read_json(cfg_path)
-        mt = d.get("model_type", "llama")
-        if mt != "llama":
-            raise LlamafuseError(f"{cfg_path}: model_type '{mt}' is not supported (only 'llama')")
-        dim, n_heads = _field(d, "hidden_size", cfg_path), _field(d, "num_attention_heads", cfg_path)
-        try:
-            self.config = ModelConfig(
-                dim=dim, n_layers=_field(d, "num_hidden_layers", cfg_path), n_heads=n_heads,
-                n_kv_heads=_field(d, "num_key_value_heads", cfg_path, int, None) or n_heads,
-                head_dim=_field(d, "head_dim", cfg_path, int, None) or dim // n_heads,
-                ffn_dim=_field(d, "intermediate_size", cfg_path), vocab_size=_field(d, "vocab_size", cfg_path),
-                norm_eps=_field(d, "rms_norm_eps", cfg_path, float, 1e-6),
-                rope_theta=_field(d, "rope_theta", cfg_path, float, 10000.0),
-                max_seq_len=max_seq_len or _field(d, "max_position_embeddings", cfg_path, int, DEFAULT_MAX_SEQ_LEN))
-        except LlamafuseError as e:
-            raise LlamafuseError(f"{cfg_path}: {e}") from None
-        if d.get("rope_scaling"):
-            raise LlamafuseError(f"{cfg_path}: rope_scaling is not supported")
-        self.tied = bool(d.get("tie_word_embeddings", False))
+        self.config = hf_config(d, cfg_path, max_seq_len)
+        self.tied = _field(d, "tie_word_embeddings", cfg_path, bool, False, positive=False)
         self._where: dict[str, Path] = {}
         self._open: dict[Path, MappedFile | _TensorDict] = {}
         self._index_files()
         self.tokenizer_folders = (path,)
         self._shapes = logical_shapes(self.config)
-        for name in self._shapes:
-            if self._hf_name(name) not in self._where:
-                raise LlamafuseError(f"{path}: tensor '{self._hf_name(name)}' not found in the checkpoint")
+        self._check_tensors()
+
+    def _check_tensors(self) -> None:
+        """Every tensor config.json implies is there with its shape, and no tensor it does not imply."""
+        wanted = {self._hf_name(name): name for name in self._shapes}
+        for hf, name in wanted.items():
+            if hf not in self._where:
+                raise LlamafuseError(f"{self.path}: tensor '{hf}' not found in the checkpoint")
+            f = self._file(self._where[hf])
+            if hf not in f.tensors:
+                raise LlamafuseError(f"{self._where[hf]}: tensor '{hf}' not found (the index lists it there)")
+            shape = tuple(f.tensors[hf].shape)
+            if shape != self._shapes[name]:
+                raise LlamafuseError(f"{self._where[hf]}: tensor '{hf}' has shape {shape}, "
+                                     f"config.json implies {self._shapes[name]}")
+        ignored = ("lm_head.weight",) if self.tied else ()  # transformers ties it to the embedding
+        extra = sorted(k for k in self._where if k not in wanted and k not in ignored
+                       and not k.endswith("rotary_emb.inv_freq"))  # a derived buffer older checkpoints saved
+        if extra:
+            raise LlamafuseError(f"{self.path}: tensor '{extra[0]}' is not part of the model config.json describes")
 
     def _index_files(self) -> None:
         p = self.path
@@ -298,26 +304,110 @@ class HFSource(Source):
 
 
 class _TensorDict:
+    """A loaded .bin state dict with MappedFile's interface."""
     def __init__(self, sd: dict[str, torch.Tensor]):
-        self.sd = sd
+        self.tensors = sd
 
     def keys(self) -> list[str]:
-        return list(self.sd)
+        return list(self.tensors)
 
     def get(self, name: str) -> torch.Tensor:
-        return self.sd[name]
+        return self.tensors[name]
+
+
+HF_MODELS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+HF_DTYPES = ("float32", "float16", "bfloat16", "float64")
+_ROPE_KEYS = {"linear": {"factor"},
+              "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}}
+
+
+def hf_config(d: dict[str, Any], path: Path, max_seq_len: int | None) -> ModelConfig:
+    """The model a Hugging Face config.json describes (transformers 4 or 5 spelling). Anything it
+    names that the model here cannot honour is refused, never ignored."""
+    mt = d.get("model_type", "llama")
+    if mt not in HF_MODELS:
+        raise LlamafuseError(f"{path}: model_type '{mt}' is not supported ({', '.join(HF_MODELS)})")
+    archs = d.get("architectures")
+    if archs is not None and archs != [HF_MODELS[mt]]:
+        raise LlamafuseError(f"{path}: architectures {archs} is not supported ({HF_MODELS[mt]})")
+    if d.get("sliding_window") is not None:
+        raise LlamafuseError(f"{path}: sliding-window attention (sliding_window {d['sliding_window']}) is not supported")
+    for key in ("attention_bias", "mlp_bias"):
+        if d.get(key):
+            raise LlamafuseError(f"{path}: {key} is true; biases are not supported")
+    if d.get("hidden_act", "silu") != "silu":
+        raise LlamafuseError(f"{path}: hidden_act '{d['hidden_act']}' is not supported (silu)")
+    if d.get("quantization_config") is not None:
+        raise LlamafuseError(f"{path}: quantized checkpoints (quantization_config) are not supported")
+    for key in ("torch_dtype", "dtype"):
+        if d.get(key) is not None and d[key] not in HF_DTYPES:
+            raise LlamafuseError(f"{path}: {key} '{d[key]}' is not supported ({', '.join(HF_DTYPES)})")
+    dim, n_heads = _field(d, "hidden_size", path), _field(d, "num_attention_heads", path)
+    head_dim = _field(d, "head_dim", path, int, None)
+    if head_dim is None and dim % n_heads:
+        raise LlamafuseError(f"{path}: hidden_size {dim} is not a multiple of num_attention_heads {n_heads} "
+                             "and there is no head_dim")
+    theta, scaling = _hf_rope(d, path)
+    try:
+        return ModelConfig(
+            dim=dim, n_layers=_field(d, "num_hidden_layers", path), n_heads=n_heads,
+            n_kv_heads=_field(d, "num_key_value_heads", path, int, None) or n_heads,
+            head_dim=head_dim or dim // n_heads,
+            ffn_dim=_field(d, "intermediate_size", path), vocab_size=_field(d, "vocab_size", path),
+            norm_eps=_field(d, "rms_norm_eps", path, float, 1e-6), rope_theta=theta,
+            max_seq_len=max_seq_len or _field(d, "max_position_embeddings", path, int, DEFAULT_MAX_SEQ_LEN),
+            rope_scaling=scaling)
+    except LlamafuseError as e:
+        raise LlamafuseError(f"{path}: {e}") from None
+
+
+def _hf_rope(d: dict[str, Any], path: Path) -> tuple[float, RopeScaling | None]:
+    """Rotary base and scaling from `rope_parameters` (transformers 5) and/or `rope_theta` +
+    `rope_scaling` (transformers 4); where both spell a value they must agree."""
+    merged: dict[str, Any] = {}
+    top = {"rope_theta": d["rope_theta"]} if d.get("rope_theta") is not None else {}
+    for where, part in (("rope_parameters", d.get("rope_parameters")), ("rope_scaling", d.get("rope_scaling")),
+                        ("rope_theta", top)):
+        if part is None:
+            continue
+        if not isinstance(part, dict):
+            raise LlamafuseError(f"{path}: '{where}' should be an object, got {part!r}")
+        for k, v in part.items():
+            k = "rope_type" if k == "type" else k
+            if k in merged and merged[k] != v:
+                raise LlamafuseError(f"{path}: {k} is {merged[k]!r} in one place and {v!r} in '{where}'")
+            merged[k] = v
+    theta = _field(merged, "rope_theta", path, float, 10000.0)
+    kind = merged.pop("rope_type", "default")
+    merged.pop("rope_theta", None)
+    if kind != "default" and kind not in _ROPE_KEYS:
+        raise LlamafuseError(f"{path}: rope type {kind!r} is not supported (default, {', '.join(_ROPE_KEYS)})")
+    extra = sorted(merged.keys() - _ROPE_KEYS.get(kind, set()))
+    if extra:
+        raise LlamafuseError(f"{path}: rope type {kind!r} with '{extra[0]}' is not supported")
+    if kind == "default":
+        return theta, None
+    try:
+        return theta, RopeScaling(kind, **merged)
+    except LlamafuseError as e:
+        raise LlamafuseError(f"{path}: {e}") from None
 
 
 def open_source(path: Path, max_seq_len: int | None = None) -> Source:
-    """Detect the layout of `path` and open it."""
+    """Detect the layout of `path` (a Meta or Hugging Face folder, or a GGUF file) and open it."""
     path = Path(path)
     if not path.exists():
         raise LlamafuseError(f"{path}: source not found")
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf import GGUFSource
+        return GGUFSource(path, max_seq_len)
     if not path.is_dir():
-        raise LlamafuseError(f"{path}: source must be a folder")
+        raise LlamafuseError(f"{path}: source must be a folder or a .gguf file")
     entries = [e.name for e in path.iterdir()]
     if not entries:
         raise LlamafuseError(f"{path}: source folder is empty")
+    if "manifest.json" in entries and not {"params.json", "config.json"} & set(entries):
+        raise LlamafuseError(f"{path}: a llama-convert output folder, not a source checkpoint")
     if "params.json" in entries or any(e.startswith("consolidated.") for e in entries):
         return MetaSource(path, max_seq_len)
     if "config.json" in entries or any(e.endswith((".safetensors", ".bin", ".index.json")) for e in entries):

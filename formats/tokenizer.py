@@ -28,7 +28,7 @@ class TokenizerFile:
 
 class Tokenizer:
     """Encode texts to token ids, without special tokens."""
-    vocab_size: int     # ids are 0 .. vocab_size - 1
+    vocab_size: int     # every id the tokenizer can produce is below this
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         raise NotImplementedError
@@ -61,7 +61,8 @@ class HFTokenizer(Tokenizer):
             self.tok = RustTokenizer.from_str(data.decode())
         except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
             raise LlamafuseError(f"{where}: not a Hugging Face tokenizer.json ({str(e).splitlines()[0][:100]})") from None
-        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values()) + 1 if vocab else 0
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
@@ -71,12 +72,14 @@ class HFTokenizer(Tokenizer):
 
 
 def make_tokenizer(name: str, data: bytes, model_vocab: int, where: str) -> Tokenizer:
-    """The tokenizer in `data` (file `name`), checked to produce only ids the model has."""
+    """The tokenizer in `data` (file `name`), checked to produce only ids the model's embedding has
+    (a tokenizer smaller than the embedding is fine: models often pad their vocabulary)."""
     if name not in TOKENIZER_FILES:
         raise LlamafuseError(f"{where}: tokenizer file must be one of {', '.join(TOKENIZER_FILES)}, got {name!r}")
     tok = SentencePieceTokenizer(data, where) if name == SENTENCEPIECE else HFTokenizer(data, where)
     if tok.vocab_size > model_vocab:
-        raise LlamafuseError(f"{where}: the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {model_vocab}")
+        raise LlamafuseError(f"{where}: the tokenizer has {tok.vocab_size} tokens (ids up to {tok.vocab_size - 1}) "
+                             f"but the model's vocabulary is {model_vocab}")
     return tok
 
 

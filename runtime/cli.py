@@ -281,22 +281,16 @@ def logits_cmd(model: Path, text: str, bos: bool | None, device: str | None, out
 @main.command("validate")
 @model_arg
 @click.option("--reference", type=click.Path(path_type=Path), required=True,
-              help="The source checkpoint folder, or a logits .safetensors (tokens, logits).")
+              help="The source checkpoint (Meta or Hugging Face folder, or .gguf file), or a logits "
+                   ".safetensors (tokens, logits).")
 @device_opt
 @user_errors
 def validate_cmd(model: Path, reference: Path, device: str | None) -> None:
-    """Compare the converted model's logits with a reference; exit 1 if outside tolerance."""
+    """Compare the converted model's logits with a reference: exit 0 on PASS, 1 on FAIL (outside the
+    dtype's tolerance), 2 on bad input."""
     m = load_manifest(model)
     dev = resolve_device(device)
-    if reference.is_dir():
-        from llamafuse.convert.reference import reference_logits
-        from llamafuse.convert.sources import open_source
-        tok = model_tokenizer(model, m)
-        bos = [] if m.tokenizer.bos_id is None else [m.tokenizer.bos_id]
-        seqs = [bos + ids for ids in tok.encode(list(VALIDATION_TEXTS))]
-        ref = reference_logits(open_source(reference), seqs)
-        what = f"float64 reference forward over {reference}"
-    elif reference.is_file():
+    if reference.is_file() and reference.suffix == ".safetensors":
         from llamafuse.formats.tensorfile import MappedFile
         f = MappedFile(reference)
         if not {"tokens", "logits"} <= set(f.keys()):
@@ -307,7 +301,16 @@ def validate_cmd(model: Path, reference: Path, device: str | None) -> None:
         seqs, ref, what = [tokens.tolist()], [logits.clone()], f"logits file {reference}"
         _check_tokens(seqs[0], m, str(reference))
     else:
-        raise LlamafuseError(f"{reference}: not found")
+        from llamafuse.formats.reference import Reference
+        source = Reference(reference)
+        if source.vocab_size != m.config.vocab_size:
+            raise LlamafuseError(f"{reference}: its vocabulary has {source.vocab_size} tokens but the model's has "
+                                 f"{m.config.vocab_size}; it is not this model's source")
+        bos_token = bos_id(m, None)
+        seqs = [([] if bos_token is None else [bos_token]) + ids
+                for ids in model_tokenizer(model, m).encode(list(VALIDATION_TEXTS))]
+        ref = source.logits(seqs)
+        what = f"float64 reference forward over {reference}"
     ours = launch(logits_worker, m.tp, 1, dev, model, m, seqs)
     if ours is None:  # a non-zero rank under torchrun
         return

@@ -1,12 +1,15 @@
 """An independent, deliberately plain re-implementation of lm-evaluation-harness 0.4.x ``hellaswag``.
 
-It shares no code with ``llamafuse.runtime.hellaswag`` / ``llamafuse.runtime.evaluate``: the
-text preprocessing, ``_encode_pair`` tokenization and acc / acc_norm follow the harness
-(``lm_eval/tasks/hellaswag/utils.py``, ``HFLM._encode_pair``, ``HFLM._loglikelihood_tokens``,
-``ConfigurableTask.process_results``), and every (context, ending) pair gets its own unpacked
-forward pass through the float64 reference model over the *source* checkpoint
-(``llamafuse.convert.reference.reference_logits``), exactly as the harness runs one request per
-pair (no shared-context packing, no tensor parallelism, no fused weights).
+It shares no code with ``llamafuse.runtime``: the text preprocessing, ``_encode_pair``
+tokenization and acc / acc_norm follow the harness (``lm_eval/tasks/hellaswag/utils.py``,
+``HFLM._encode_pair``, ``HFLM._loglikelihood_tokens``, ``ConfigurableTask.process_results``), and
+every (context, ending) pair gets its own unpacked causal forward pass through the float64
+reference model over the *source* checkpoint (``llamafuse.formats.reference.Reference``), exactly
+as the harness runs one request per pair (no shared-context packing, no tensor parallelism, no
+fused weights). Pairs of equal length run side by side as one batch, which changes nothing.
+
+Tokenizers: a ``sentencepiece.SentencePieceProcessor`` or a ``tokenizers.Tokenizer``, plus the
+BOS id to put first (None: none), as the harness's tokenizer would with its own special tokens.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from llamafuse.convert.reference import reference_logits
+from llamafuse.formats.reference import Reference
 
 
 def preprocess(text: str) -> str:
@@ -39,56 +42,56 @@ def process_doc(doc: dict) -> dict:
     }
 
 
-def tok_encode(sp, text: str, bos: bool) -> list[int]:
-    """HFLM.tok_encode: the tokenizer's ids, with BOS first when add_bos_token."""
-    ids = list(sp.encode(text))
-    return [sp.bos_id()] + ids if bos else ids
+def tok_encode(tok, text: str, bos_id: int | None) -> list[int]:
+    """HFLM.tok_encode: the tokenizer's ids, with BOS first when the tokenizer adds one."""
+    if hasattr(tok, "encode_batch"):  # tokenizers.Tokenizer
+        ids = tok.encode(text, add_special_tokens=False).ids
+    else:                             # sentencepiece.SentencePieceProcessor
+        ids = list(tok.encode(text))
+    return ids if bos_id is None else [bos_id] + ids
 
 
-def encode_pair(sp, context: str, continuation: str, bos: bool) -> tuple[list[int], list[int]]:
+def encode_pair(tok, context: str, continuation: str, bos_id: int | None) -> tuple[list[int], list[int]]:
     """HFLM._encode_pair: trailing context spaces move to the continuation; the continuation's
     tokens are those of the whole string after the context's tokens."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces > 0:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole_enc = tok_encode(sp, context + continuation, bos)
-    context_enc = tok_encode(sp, context, bos)
+    whole_enc = tok_encode(tok, context + continuation, bos_id)
+    context_enc = tok_encode(tok, context, bos_id)
     continuation_enc = whole_enc[len(context_enc):]
     return context_enc, continuation_enc
 
 
-def requests(doc: dict, sp, bos: bool) -> list[tuple[list[int], list[int]]]:
+def requests(doc: dict, tok, bos_id: int | None) -> list[tuple[list[int], list[int]]]:
     """The four loglikelihood requests of one doc: (context tokens, continuation tokens)."""
     d = process_doc(doc)
     # multiple_choice: arguments are (doc_to_text, target_delimiter + choice), delimiter " ".
-    return [encode_pair(sp, d["query"], " " + c, bos) for c in d["choices"]]
+    return [encode_pair(tok, d["query"], " " + c, bos_id) for c in d["choices"]]
 
 
-def loglikelihood(src, context_enc: list[int], continuation_enc: list[int]) -> float:
-    """HFLM._loglikelihood_tokens for one request, unbatched: run (ctx + cont)[:-1], take the
-    log-softmax at the last len(cont) positions and sum the continuation tokens' log-probs."""
-    assert continuation_enc, "empty continuation"
-    whole = context_enc + continuation_enc
-    inp = whole[:-1]
-    # reference_logits runs each sequence causally on its own, so the logits at the positions
-    # of `inp` are the same whether we pass `inp` or `whole`; pass exactly the harness's input.
-    logits = reference_logits(src, [inp])[0]                       # [len(inp), vocab] float64
-    logp = torch.log_softmax(logits.double(), dim=-1)
-    n = len(continuation_enc)
-    cont_logp = logp[len(inp) - n:]                                # positions len(ctx)-1 .. end-1
-    tgt = torch.tensor(continuation_enc, dtype=torch.long)
-    return float(cont_logp.gather(1, tgt[:, None]).sum())
+def loglikelihoods(ref: Reference, reqs: Sequence[tuple[list[int], list[int]]]) -> list[float]:
+    """HFLM._loglikelihood_tokens for each request, each run on its own: run (ctx + cont)[:-1],
+    take the log-softmax at the last len(cont) positions and sum the continuation tokens' log-probs."""
+    assert all(cont for _, cont in reqs), "empty continuation"
+    inputs = [(ctx + cont)[:-1] for ctx, cont in reqs]
+    lls = [0.0] * len(reqs)
+    for j, logits in ref.stream(inputs, last=[len(cont) for _, cont in reqs]):  # positions len(ctx)-1 .. end-1
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        lls[j] = float(logp.gather(1, torch.tensor(reqs[j][1], dtype=torch.long)[:, None]).sum())
+    return lls
 
 
-def harness_scores(src, docs: Sequence[dict], sp, bos: bool) -> list[list[float]]:
+def loglikelihood(ref: Reference, context_enc: list[int], continuation_enc: list[int]) -> float:
+    """One request's log-likelihood."""
+    return loglikelihoods(ref, [(context_enc, continuation_enc)])[0]
+
+
+def harness_scores(ref: Reference, docs: Sequence[dict], tok, bos_id: int | None) -> list[list[float]]:
     """Per doc, the four summed continuation log-likelihoods, as the harness computes them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny float64 matmuls: thread start-up costs more than the work
-    try:
-        return [[loglikelihood(src, c, e) for c, e in requests(doc, sp, bos)] for doc in docs]
-    finally:
-        torch.set_num_threads(threads)
+    lls = loglikelihoods(ref, [r for doc in docs for r in requests(doc, tok, bos_id)])
+    return [lls[4 * i: 4 * i + 4] for i in range(len(docs))]
 
 
 def harness_predictions(doc: dict, lls: Sequence[float]) -> tuple[int, int]:

@@ -22,10 +22,10 @@ from click.testing import CliRunner, Result
 
 import llamafuse.convert.write as write_mod
 from llamafuse.convert.cli import main as cli_main
-from llamafuse.convert.reference import reference_logits
 from llamafuse.convert.sources import open_source
 from llamafuse.convert.write import convert
 from llamafuse.formats import FORMAT_NAME, FORMAT_VERSION, LlamafuseError, load_manifest, rank_tensor_specs
+from llamafuse.formats.reference import reference_logits
 from llamafuse.formats.tensorfile import DATA_ALIGN, read_header
 from llamafuse.runtime.parallel import launch
 from llamafuse.runtime.validate import compare, logits_worker
@@ -77,7 +77,7 @@ class Lab:
 
     def reference(self, key: str) -> list[torch.Tensor]:
         if key not in self._refs:
-            self._refs[key] = reference_logits(open_source(self.path(key)), self.seqs(key))
+            self._refs[key] = reference_logits(self.path(key), self.seqs(key))
         return self._refs[key]
 
     def converted(self, key: str, tp: int, dtype: str = "float32") -> Path:
@@ -481,10 +481,10 @@ def case_config_model_type(e):
     return [src, e.out], ["config.json", "gpt2"]
 
 
-def case_config_rope_scaling(e):
+def case_config_rope_scaling(e):  # linear and llama3 are supported (tests/test_real_models.py)
     src = copy_source(e.hf, e.tmp / "src")
-    _edit_json(src / "config.json", rope_scaling={"type": "linear", "factor": 2.0})
-    return [src, e.out], ["config.json", "rope_scaling"]
+    _edit_json(src / "config.json", rope_scaling={"type": "dynamic", "factor": 2.0})
+    return [src, e.out], ["config.json", "rope type 'dynamic' is not supported"]
 
 
 def case_config_wrong_shape(e):  # only caught when the tensor is read, i.e. mid-conversion

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llamafuse.convert.quantize import quantize_rows
-from llamafuse.convert.reference import reference_logits
+from llamafuse.formats.reference import reference_logits
 from llamafuse.convert.sources import open_source
 from llamafuse.convert.write import convert
 from llamafuse.formats import LlamafuseError, load_manifest, names
@@ -79,7 +79,7 @@ def test_float8_model_within_tolerance(fp8_stories: dict[int, Path], stories_met
     seqs = [[1] + ids for ids in tok.encode(["Once upon a time, there was a little girl named Lily.",
                                              "She loved to play outside in the park with her dog."])]
     ours = launch(logits_worker, tp, 1, "cpu", folder, m, seqs)
-    c = compare(ours, reference_logits(open_source(stories_meta), seqs))
+    c = compare(ours, reference_logits(stories_meta, seqs))
     assert c.passes("float8"), c
 
 

@@ -19,9 +19,9 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from llamafuse.convert.reference import reference_logits
 from llamafuse.convert.sources import open_source
 from llamafuse.convert.write import convert
+from llamafuse.formats.reference import Reference, reference_logits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoints import llama30b_like  # noqa: E402
@@ -147,6 +147,11 @@ def stories_src():
 
 
 @pytest.fixture(scope="module")
+def stories_ref() -> Reference:
+    return Reference(STORIES_META)
+
+
+@pytest.fixture(scope="module")
 def stories_sp() -> spm.SentencePieceProcessor:
     return spm.SentencePieceProcessor(model_file=str(STORIES_META / "tokenizer.model"))
 
@@ -173,6 +178,11 @@ def big_dir(work) -> Path:
 @pytest.fixture(scope="module")
 def big_src(big_dir):
     return open_source(big_dir)
+
+
+@pytest.fixture(scope="module")
+def big_ref(big_dir) -> Reference:
+    return Reference(big_dir)
 
 
 @pytest.fixture(scope="module")
@@ -209,24 +219,24 @@ def big_runs(work, big_outs) -> dict[bool, dict]:
 # ---------------------------------------------------------------- 1, 2: against the harness
 
 
-def test_reference_sanity(stories_src, stories_sp, llama_sp, stories_docs):
+def test_reference_sanity(stories_ref, stories_sp, llama_sp, stories_docs):
     """The harness re-implementation itself: BOS prefixes both context and whole as the harness
     does, a context's trailing space moves to the continuation, and the pretrained stories260K
     prefers a real sentence to the same words scrambled."""
-    reqs_bos = requests(stories_docs[0], stories_sp, True)
-    reqs_nob = requests(stories_docs[0], stories_sp, False)
+    reqs_bos = requests(stories_docs[0], stories_sp, stories_sp.bos_id())
+    reqs_nob = requests(stories_docs[0], stories_sp, None)
     for (cb, eb), (cn, en) in zip(reqs_bos, reqs_nob):
         assert cb == [stories_sp.bos_id()] + cn and eb == en and eb
-    ctx, cont = encode_pair(llama_sp, "Lily went home ", "and slept.", False)  # LLaMA's keeps spaces
+    ctx, cont = encode_pair(llama_sp, "Lily went home ", "and slept.", None)  # LLaMA's keeps spaces
     assert ctx == llama_sp.encode("Lily went home") != llama_sp.encode("Lily went home ")
     assert ctx + cont == llama_sp.encode("Lily went home and slept.")
-    ctx, real = encode_pair(stories_sp, "Once upon a time, there was a little girl named", " Lily.", True)
-    _, scrambled = encode_pair(stories_sp, "Once upon a time, there was a little girl named", " the.", True)
-    assert loglikelihood(stories_src, ctx, real) > loglikelihood(stories_src, ctx, scrambled) + 1
+    ctx, real = encode_pair(stories_sp, "Once upon a time, there was a little girl named", " Lily.", stories_sp.bos_id())
+    _, scrambled = encode_pair(stories_sp, "Once upon a time, there was a little girl named", " the.", stories_sp.bos_id())
+    assert loglikelihood(stories_ref, ctx, real) > loglikelihood(stories_ref, ctx, scrambled) + 1
 
 
 @pytest.mark.parametrize("bos", [True, False], ids=["bos", "no-bos"])
-def test_stories_matches_harness(bos, stories_runs, stories_src, stories_sp, stories_docs, stories_out):
+def test_stories_matches_harness(bos, stories_runs, stories_ref, stories_sp, stories_docs, stories_out):
     from llamafuse.formats.tokenizer import read_tokenizer
     from llamafuse.runtime.hellaswag import build_items, load_docs
     from llamafuse.runtime.packing import pack_groups, prefix_forest
@@ -244,13 +254,13 @@ def test_stories_matches_harness(bos, stories_runs, stories_src, stories_sp, sto
     together = sum(len(prefix_forest([s for i in b for s in sequences(items[i])])) for b in batches)
     assert together < sum(len(prefix_forest(sequences(it))) for it in items)
 
-    ref = harness_scores(stories_src, stories_docs, stories_sp, bos)
+    ref = harness_scores(stories_ref, stories_docs, stories_sp, stories_sp.bos_id() if bos else None)
     check_against_harness(stories_runs[bos], stories_docs, ref)
 
 
 @pytest.mark.parametrize("bos", [True, False], ids=["bos", "no-bos"])
-def test_llama30b_like_matches_harness(bos, big_runs, big_src, llama_sp, big_docs):
-    ref = harness_scores(big_src, big_docs, llama_sp, bos)
+def test_llama30b_like_matches_harness(bos, big_runs, big_ref, llama_sp, big_docs):
+    ref = harness_scores(big_ref, big_docs, llama_sp, llama_sp.bos_id() if bos else None)
     check_against_harness(big_runs[bos], big_docs, ref)
 
 
@@ -330,7 +340,7 @@ def test_results_and_samples_fields(stories_runs, stories_docs, stories_sp, stor
                                         abs=0.01)
     # Tokens run: every distinct input prefix (context + ending less its last token) at least
     # once, and no more than one context per item plus its endings (counted independently).
-    reqs = [requests(d, stories_sp, True) for d in stories_docs]
+    reqs = [requests(d, stories_sp, stories_sp.bos_id()) for d in stories_docs]
     inputs = [c + e[:-1] for rs in reqs for c, e in rs]
     distinct = len({tuple(x[:t + 1]) for x in inputs for t in range(len(x))})
     per_item = sum(len(rs[0][0]) + sum(len(e) - 1 for _, e in rs) for rs in reqs)
@@ -422,7 +432,7 @@ def logits_file(work, stories_out) -> Path:
     return f
 
 
-def test_logits_file(logits_file, stories_sp, stories_src):
+def test_logits_file(logits_file, stories_sp):
     from safetensors.torch import load_file
     t = load_file(str(logits_file))
     assert set(t) == {"tokens", "logits"}
@@ -430,7 +440,7 @@ def test_logits_file(logits_file, stories_sp, stories_src):
     want = [stories_sp.bos_id()] + stories_sp.encode(TEXT)
     assert tokens.dtype == torch.int64 and tokens.tolist() == want
     assert logits.dtype == torch.float32 and logits.shape == (len(want), 512)
-    ref = reference_logits(stories_src, [want])[0]
+    ref = reference_logits(STORIES_META, [want])[0]
     assert float((logits.double() - ref).norm() / ref.norm()) < 1e-5
     assert torch.equal(logits.argmax(-1), ref.argmax(-1))
 
