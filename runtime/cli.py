@@ -160,15 +160,16 @@ def hellaswag_cmd(model: Path, data: str | None, limit: int | None, bos: bool | 
                   output: Path | None, samples: Path | None, batch_tokens: int | None, replicas: int | None,
                   attention: str, resume: bool, force: bool, as_json: bool) -> None:
     """Score the HellaSwag validation split (acc, acc_norm) exactly as lm-evaluation-harness."""
-    _check_output(output, force, "--output")
-    if samples is not None:
-        _check_output(samples, force or resume, "--samples", "use --resume to continue it or --force to overwrite")
-        if output is not None and output.resolve() == samples.resolve():
-            raise LlamafuseError(f"--output and --samples are the same file ({output})")
-    elif resume:
+    owner = launched_rank() in (None, 0)   # under torchrun, rank 0 owns the output files
+    if resume and samples is None:
         raise LlamafuseError("--resume needs --samples (the file to continue)")
+    if owner:
+        _check_output(output, force, "--output")
+        _check_output(samples, force or resume, "--samples", "use --resume to continue it or --force to overwrite")
+        if output is not None and samples is not None and output.resolve() == samples.resolve():
+            raise LlamafuseError(f"--output and --samples are the same file ({output})")
     job = _hellaswag_job(model, data, limit, bos, device, batch_tokens, replicas, attention)
-    if samples is None or launched_rank() not in (None, 0):  # under torchrun, rank 0 keeps the samples
+    if samples is None or not owner:
         result, resumed = _hellaswag_run(job, samples, {}), 0
     else:
         with SamplesFile(samples, job.run, job.items, resume) as log:

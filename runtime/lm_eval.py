@@ -11,6 +11,7 @@ Absolute imports only: `lm_eval` here is the harness, never this module.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,12 @@ class LlamafuseLM(TemplateLM):
         prefix token's text."""
         if add_special_tokens is None:
             add_special_tokens = not self._starts_with_prefix(string)
-        ids = self.tok.encode([string])[0]
-        return [self.bos, *ids] if add_special_tokens and self.bos is not None else ids
+        ids = self._encode(string)
+        return [self.bos, *ids] if add_special_tokens and self.bos is not None else list(ids)
+
+    @functools.lru_cache(maxsize=1 << 16)  # noqa: B019 - one backend per run; the harness encodes each context once per choice
+    def _encode(self, string: str) -> tuple[int, ...]:
+        return tuple(self.tok.encode([string])[0])
 
     def _starts_with_prefix(self, string: str) -> bool:
         t = self.manifest.tokenizer

@@ -109,6 +109,6 @@ def open_model(ctx: Context, folder: Path, manifest: Manifest, attention: str = 
         raise LlamafuseError(error)
     if manifest.dtype == "float8":
         check_fp8_device(ctx.device, [t.shape for n, t in tensors.items() if n.endswith(tuple(names.MATRICES))])
-    backend, compile = choose_attention(ctx.device, manifest.config.head_dim, attention)
+    backend, compile = choose_attention(ctx.device, manifest.config.head_dim, attention, manifest.torch_dtype)
     return Model(manifest.config, RankLayout(manifest.config, manifest.tp, ctx.tp_rank), tensors, ctx.tp_group,
                  backend, compile)

@@ -29,7 +29,7 @@ from llamafuse.convert.quantize import quantize_rows
 from llamafuse.formats import ModelConfig, RankLayout, names, rank_tensor_specs
 from llamafuse.formats.tokenizer import read_tokenizer
 from llamafuse.runtime import hellaswag
-from llamafuse.runtime.attention import BlockAttention, FlexAttention
+from llamafuse.runtime.attention import BlockAttention, FlexAttention, mask_tile
 from llamafuse.runtime.evaluate import Group, Settings, prepare, score_groups
 from llamafuse.runtime.model import Model
 from llamafuse.runtime.packing import pack_groups
@@ -116,7 +116,8 @@ def part_layers(n: int, groups: list[Group], report: dict) -> None:
     wts = random_weights(one)
     w8 = to_float8(wts, one)
     first = [groups[i] for i in pack_groups([[r.inputs for r in g.requests] for g in groups], n)[len(groups) // 200]]
-    variants = (("flex block fp16", wts, FlexAttention, "block"), ("flex block float8", w8, FlexAttention, "block"),
+    flex = lambda: FlexAttention(mask_tile(one.head_dim, torch.float16))  # noqa: E731
+    variants = (("flex block fp16", wts, flex, "block"), ("flex block float8", w8, flex, "block"),
                 ("V100 path: blocks, eager", wts, BlockAttention, None),
                 ("V100 path: blocks, compiled around attention", wts, BlockAttention, "around-attention"))
     for label, w, attn_cls, mode in variants:
@@ -143,7 +144,7 @@ def unique_graphs() -> int:
 
 
 def run_eval(c: ModelConfig, wts: dict, groups: list[Group], items: list, args: argparse.Namespace, label: str) -> dict:
-    model = Model(c, RankLayout(c, 1, 0), wts, None, FlexAttention(), "block")
+    model = Model(c, RankLayout(c, 1, 0), wts, None, FlexAttention(mask_tile(c.head_dim, torch.float16)), "block")
     settings = Settings(args.batch_tokens, progress=True, label=label)
     t0 = time.perf_counter()
     score_groups(CTX, model, groups[:64], settings)          # compile / warm up

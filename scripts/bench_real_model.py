@@ -2,11 +2,14 @@
 lm-eval tasks through `llama-run lm-eval` against the harness's own hf backend on a sample.
 
     python3 scripts/bench_real_model.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --data hellaswag_val.jsonl.gz \
-        --out DIR [--parts hellaswag,lm-eval,hf] [--tasks mmlu,hellaswag] [--hf-limit 100]
+        --mmlu-data DIR --out DIR [--parts hellaswag,lm-eval,hf] [--hf-limit 10]
 
 Converts the GGUF three times (llama-convert --dtype float32|float16|float8), scores the full
 HellaSwag split with each (llama-run hellaswag --samples), and compares their decisions item by
-item with float32's. Writes DIR/real.json after every step and prints a table last.
+item with float32's; then full MMLU 5-shot (the harness's 57 subject configs over local files) and
+HellaSwag through `llama-run lm-eval` on the fp16 folder, and the harness's hf backend on
+--hf-limit docs per task. Run from the repository root (the local task configs read
+../shared/data). Writes DIR/real.json after every step.
 """
 from __future__ import annotations
 
@@ -47,9 +50,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("/dev/shm/llamafuse-real"))
     ap.add_argument("--parts", default="hellaswag,lm-eval,hf")
-    ap.add_argument("--tasks", default="mmlu,hellaswag")
-    ap.add_argument("--num-fewshot", type=int, default=5, help="For --tasks mmlu (the usual 5-shot).")
-    ap.add_argument("--hf-limit", type=int, default=100, help="Docs per task for the harness's hf backend sample.")
+    ap.add_argument("--mmlu-data", type=Path, required=True, help="folder with MMLU's test.jsonl.gz and dev.jsonl.gz")
+    ap.add_argument("--hf-limit", type=int, default=10, help="MMLU questions per subject for the harness's hf backend sample (HellaSwag: 20x).")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log, report = args.out / "log.txt", {"gguf": str(args.gguf)}
@@ -78,26 +80,37 @@ def main() -> None:
                 report[dtype]["vs_float16"] = decisions(runs[dtype], runs["float16"])
             print(dtype, report[dtype], flush=True)
             save()
-    model = args.work / "float16"
+    model, include = args.work / "float16", args.work / "mmlu-tasks"
+    if {"lm-eval", "hf"} & set(parts):   # the harness's 57 MMLU subject configs over the local files
+        sys.path.insert(0, str(Path(__file__).parent))
+        from count_tokens import split_subjects, write_configs
+        include.mkdir(parents=True, exist_ok=True)
+        write_configs(split_subjects(args.mmlu_data, include), include)
+    tasks = {"mmlu": ["--include-path", str(include), "--tasks", "count_mmlu_tasks", "--num-fewshot", "5"],
+             "hellaswag": ["--include-path", "tests/tasks", "--tasks", "hellaswag_local"]}
     if "lm-eval" in parts:
-        for task in args.tasks.split(","):
-            fewshot = ["--num-fewshot", str(args.num_fewshot)] if task == "mmlu" else []
-            out = args.out / f"lm-eval-{task}"
-            rc, wall = sh(["llama-run", "lm-eval", str(model), "--tasks", task, *fewshot, "--device", "cuda",
-                           "--output-path", str(out)], log)
-            report[f"lm-eval {task}"] = {"exit": rc, "wall_s": wall}
+        for task, targs in tasks.items():
+            out = args.out / f"lm-eval-{task}.txt"
+            t0 = time.perf_counter()
+            with open(out, "w") as f:
+                rc = subprocess.run(["llama-run", "lm-eval", str(model), *targs, "--device", "cuda"],
+                                    stdout=f, stderr=subprocess.STDOUT).returncode
+            report[f"lm-eval {task}"] = {"exit": rc, "wall_s": time.perf_counter() - t0,
+                                         "engine": [ln for ln in out.read_text().splitlines() if "tokens run" in ln]}
             print(task, report[f"lm-eval {task}"], flush=True)
             save()
     if "hf" in parts:   # the harness's own hf backend on a sample, on an HF copy of the same weights
         hf = args.work / "hf"
-        rc, _ = sh([sys.executable, "-c", "import sys; sys.path.insert(0, 'tests'); from smollm import write_hf_copy; "
-                    f"write_hf_copy({str(args.gguf)!r}, {str(hf)!r})"], log)
-        for task in args.tasks.split(","):
-            fewshot = ["--num_fewshot", str(args.num_fewshot)] if task == "mmlu" else []
+        sh([sys.executable, "-c", "import sys; sys.path.insert(0, 'tests'); from smollm import write_hf_copy; "
+            f"write_hf_copy({str(args.gguf)!r}, {str(hf)!r})"], log)
+        limit = {"mmlu": args.hf_limit, "hellaswag": 20 * args.hf_limit}   # per subject; of 10042 items
+        for task, targs in tasks.items():
+            harness = [a.replace("--include-path", "--include_path").replace("--num-fewshot", "--num_fewshot")
+                       for a in targs]
             rc, wall = sh([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-                           f"pretrained={hf},dtype=float16", "--tasks", task, *fewshot, "--device", "cuda",
-                           "--batch_size", "64", "--limit", str(args.hf_limit)], log)
-            report[f"hf {task}"] = {"exit": rc, "wall_s": wall, "limit": args.hf_limit}
+                           f"pretrained={hf},dtype=float16", *harness, "--device", "cuda", "--batch_size", "64",
+                           "--limit", str(limit[task])], log)
+            report[f"hf {task}"] = {"exit": rc, "wall_s": wall, "limit_per_task": limit[task]}
             print(task, report[f"hf {task}"], flush=True)
             save()
     print(json.dumps(report, indent=1))

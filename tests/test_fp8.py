@@ -16,7 +16,7 @@ from llamafuse.formats.tensorfile import read_header
 from llamafuse.formats.tokenizer import read_tokenizer
 from llamafuse.runtime.fp8 import E4M3_MAX, check_fp8_device, fp8_linear
 from llamafuse.runtime.parallel import launch
-from llamafuse.runtime.validate import TOLERANCE, compare, logits_worker
+from llamafuse.runtime.validate import compare, logits_worker
 
 from conftest import check_standard_safetensors
 

@@ -117,6 +117,16 @@ def test_sm80_path_pieces_equal_the_sdpa_mask_path(stories):
         assert torch.equal(greedy, ref_greedy)
 
 
+def test_mask_tile_fits_the_kernel():
+    """128x64 only where it was measured to fit FlexAttention's kernel (float16, head_dim 128);
+    elsewhere 128x128, a multiple of any kernel tile."""
+    from llamafuse.runtime.attention import mask_tile
+    assert mask_tile(128, torch.float16) == (128, 64)
+    assert mask_tile(64, torch.float16) == mask_tile(128, torch.bfloat16) == mask_tile(64, torch.float32) == (128, 128)
+    attn, _ = choose_attention(torch.device("cpu"), 64, "flex", torch.float16)
+    assert attn.block == (128, 128)
+
+
 def test_attention_choice_on_cpu():
     attn, compile = choose_attention(torch.device("cpu"), 128)
     assert isinstance(attn, BlockAttention) and not attn.fixed_shape and compile is None

@@ -4,7 +4,6 @@ continues only the same run and never beside a live writer, and no score built o
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import struct
