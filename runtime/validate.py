@@ -13,7 +13,10 @@ from .packing import make_batch, prefix_forest
 from .parallel import Context
 
 # Relative L2 error allowed against a float64 reference, by shard dtype, and the top-1 agreement.
-TOLERANCE = {"float32": (1e-4, 1.0), "float16": (5e-3, 0.97), "bfloat16": (3e-2, 0.9), "float8": (8e-2, 0.85)}
+# float8 (e4m3 weights and per-token activations): measured 3.7e-2 / 88 % on stories260K and
+# 1.6e-1 / 86 % on SmolLM2-135M (three validation texts, CPU); stories260K with gate and up
+# swapped in every layer gives 4.8e-1 / 22 % (tests/test_fp8.py).
+TOLERANCE = {"float32": (1e-4, 1.0), "float16": (5e-3, 0.97), "bfloat16": (3e-2, 0.9), "float8": (2.5e-1, 0.8)}
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Draw docs/performance.png from a bench.json written by scripts/bench_hellaswag.py.
+"""Draw docs/performance.png from a session-2 bench.json (docs/bench/h200-run5-all-parts.json).
 
     python3 scripts/plot_performance.py BENCH.json OUT.png [EVAL.json]
 
@@ -25,7 +25,7 @@ def main(bench: Path, out: Path, final: Path | None = None) -> None:
     r = json.loads(bench.read_text())
     e = json.loads(final.read_text())["eval"] if final else r["eval"]
     ceiling = r["ceiling"]["tflops"] * 1e12
-    bars = [("brief's floor: shared contexts, 690 TFLOP/s", e["shared_context_flops"] / 690e12),
+    bars = [("floor: shared contexts, 690 TFLOP/s", e["shared_context_flops"] / 690e12),
             ("work done / measured GEMM ceiling", e["flops"] / ceiling),
             ("llamafuse", e["seconds"]), ("HF transformers, batch 64", r["hf"]["batch64"]["extrapolated_s"]),
             ("HF transformers, batch 1", r["hf"]["batch1"]["extrapolated_s"])]

@@ -92,3 +92,24 @@ def test_gpu_without_fp8_refused(monkeypatch) -> None:
     check_fp8_device(torch.device("cuda", 0), [(64, 64)])
     with pytest.raises(LlamafuseError, match="multiples of 16"):
         check_fp8_device(torch.device("cuda", 0), [(64, 172)])
+
+
+def test_float8_tolerance_still_catches_a_wrong_conversion(tmp_path: Path, stories_meta: Path) -> None:
+    """The float8 tolerance is loose (quantization noise), but weights that are not the source's
+    (gate and up swapped in every layer) still fail validation against it."""
+    import shutil
+    src = tmp_path / "swapped"
+    shutil.copytree(stories_meta, src)
+    sd = torch.load(src / "consolidated.00.pth", weights_only=True)
+    for k in [k for k in sd if k.endswith("feed_forward.w1.weight")]:
+        w3 = k.replace("w1", "w3")
+        sd[k], sd[w3] = sd[w3].clone(), sd[k].clone()
+    torch.save(sd, src / "consolidated.00.pth")
+    out = tmp_path / "swapped-fp8"
+    convert(open_source(src), out, 1, "float8", progress=False)
+    m = load_manifest(out)
+    tok = read_tokenizer(out / m.tokenizer.file, m.config.vocab_size)
+    seqs = [[1] + ids for ids in tok.encode(["Once upon a time, there was a little girl named Lily.",
+                                             "She loved to play outside in the park with her dog."])]
+    c = compare(launch(logits_worker, 1, 1, "cpu", out, m, seqs), reference_logits(stories_meta, seqs))
+    assert not c.passes("float8"), c
