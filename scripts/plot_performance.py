@@ -1,11 +1,10 @@
-"""Draw docs/performance.png from a session-2 bench.json (docs/bench/h200-run5-all-parts.json).
+"""Draw docs/performance.png from the H200 runs in docs/bench/.
 
-    python3 scripts/plot_performance.py BENCH.json OUT.png [EVAL.json]
+    python3 scripts/plot_performance.py docs/bench docs/performance.png
 
-EVAL.json, if given, is a later run whose eval part replaces BENCH's (e.g. the final code's run):
-    python3 scripts/plot_performance.py docs/bench/h200-run5-all-parts.json docs/performance.png \
-        docs/bench/h200-run7-final.json
-
+Left: seconds for the full HellaSwag split on the LLaMA-30B shape: the engine in float8 and fp16
+(run 8), `llama-run hellaswag` from process start warm and cold (run 9, fp16), HF transformers as
+lm-eval runs it (session 2, run 5). Right: one layer's milliseconds per variant (run 8).
 Needs matplotlib (not a llamafuse dependency: `pip install matplotlib`).
 """
 from __future__ import annotations
@@ -15,41 +14,41 @@ import sys
 from pathlib import Path
 
 
-def main(bench: Path, out: Path, final: Path | None = None) -> None:
+def main(bench: Path, out: Path) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         sys.exit("plot_performance: needs matplotlib (pip install matplotlib)")
-    r = json.loads(bench.read_text())
-    e = json.loads(final.read_text())["eval"] if final else r["eval"]
-    ceiling = r["ceiling"]["tflops"] * 1e12
-    bars = [("floor: shared contexts, 690 TFLOP/s", e["shared_context_flops"] / 690e12),
-            ("work done / measured GEMM ceiling", e["flops"] / ceiling),
-            ("llamafuse", e["seconds"]), ("HF transformers, batch 64", r["hf"]["batch64"]["extrapolated_s"]),
-            ("HF transformers, batch 1", r["hf"]["batch1"]["extrapolated_s"])]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 2]})
-    colors = ["#bbbbbb", "#999999", "#2a7ab9", "#d98c3a", "#d98c3a"]
-    a.barh([n for n, _ in bars][::-1], [s for _, s in bars][::-1], color=colors[::-1])
+    r8 = json.loads((bench / "h200-run8-fp8.json").read_text())
+    r9 = json.loads((bench / "h200-run9-e2e.json").read_text())
+    r5 = json.loads((bench / "h200-run5-all-parts.json").read_text())
+    bars = [("llamafuse float8 (engine)", r8["fp8"]["seconds"], "#1b5e8c"),
+            ("llamafuse fp16 (engine)", r8["eval"]["seconds"], "#2a7ab9"),
+            ("llama-run, fp16, process start to results, warm", r9["warm"]["timing"]["wall_s"], "#6aa6d6"),
+            ("llama-run, fp16, process start to results, cold", r9["cold"]["timing"]["wall_s"], "#9cc4e6"),
+            ("HF transformers, lm-eval style, batch 64", r5["hf"]["batch64"]["extrapolated_s"], "#d98c3a"),
+            ("HF transformers, lm-eval style, batch 1", r5["hf"]["batch1"]["extrapolated_s"], "#d98c3a")]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    a.barh([n for n, _, _ in bars][::-1], [s for _, s, _ in bars][::-1], color=[c for _, _, c in bars][::-1])
     a.set_xscale("log")
     a.set_xlabel("seconds for the full HellaSwag validation split (log scale)")
-    for i, (_, s) in enumerate(bars[::-1]):
+    for i, (_, s, _) in enumerate(bars[::-1]):
         a.text(s * 1.05, i, f"{s:,.0f} s", va="center")
-    a.set_xlim(100, max(s for _, s in bars) * 3)
-    a.set_title(f"LLaMA-30B shape, fp16, one {r['device']}")
-    layer = r["layer"]
-    names = list(layer)
-    b.bar(range(len(names) + 1), [r["ceiling"]["layer_gemm_ms"]] + [layer[n]["ms"] for n in names],
-          color=["#999999"] + ["#2a7ab9"] * len(names))
-    b.set_xticks(range(len(names) + 1), ["GEMMs only"] + names, rotation=20, ha="right", fontsize=8)
-    b.set_ylabel(f"ms per layer, {r['ceiling']['tokens']} packed tokens")
+    a.set_xlim(60, max(s for _, s, _ in bars) * 3)
+    a.set_title(f"LLaMA-30B shape, one {r8['device']}")
+    layers = {k: v for k, v in r8["layers"].items() if isinstance(v, dict)}
+    b.bar(range(len(layers)), [v["ms"] for v in layers.values()],
+          color=["#999999" if k.startswith("GEMMs") else "#2a7ab9" for k in layers])
+    b.set_xticks(range(len(layers)), list(layers), rotation=25, ha="right", fontsize=7)
+    b.set_ylabel(f"ms per layer, {r8['layers']['tokens']} packed tokens")
     b.set_title("one transformer layer")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (3, 4):
+    if len(sys.argv) != 3:
         sys.exit(__doc__)
-    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) == 4 else None)
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
