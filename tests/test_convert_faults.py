@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,17 +22,12 @@ from llamafuse.convert.cli import main as cli_main
 from llamafuse.formats import load_manifest
 
 from checkpoints import load_meta_state_dict, write_hf_checkpoint, write_meta_from_state_dict
+from conftest import command
 
 FAULTS = Path(__file__).resolve().parent / "faults"
 RUN_S = 120  # a conversion of stories260K slowed to 0.1 s per tensor takes ~7 s
 
 
-def _llama_convert() -> list[str]:
-    exe = Path(sys.executable).with_name("llama-convert")
-    if exe.is_file():
-        return [str(exe)]
-    found = shutil.which("llama-convert")
-    return [found] if found else [sys.executable, "-c", "from llamafuse.convert.cli import main; main()"]
 
 
 def temporaries(parent: Path) -> list[Path]:
@@ -53,7 +46,7 @@ class Conversion:
         self.out = out
         env = {**os.environ, "LLAMAFUSE_SLOW_WRITE": "0.1",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(FAULTS), os.environ.get("PYTHONPATH")]))}
-        self.proc = subprocess.Popen([*_llama_convert(), "--tp", "2", str(src), str(out)], env=env, text=True,
+        self.proc = subprocess.Popen([*command("llama-convert"), "--tp", "2", str(src), str(out)], env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,18 +22,14 @@ import pytest
 from llamafuse.convert.sources import open_source
 from llamafuse.convert.write import convert
 
+from conftest import command
+
 FAULTS = Path(__file__).resolve().parent / "faults"
 GONE_S = 20      # every process of the run must be gone this soon (typically well under 1 s)
 RUN_S = 120      # a run that has not ended by then hangs
 LONG = 400       # items: ~15 s of scoring at --batch-tokens 100, signalled after the first batch
 
 
-def _llama_run() -> list[str]:
-    exe = Path(sys.executable).with_name("llama-run")
-    if exe.is_file():
-        return [str(exe)]
-    found = shutil.which("llama-run")
-    return [found] if found else [sys.executable, "-c", "from llamafuse.runtime.cli import main; main(prog_name='llama-run')"]
 
 
 # ---------------------------------------------------------------- processes, from /proc
@@ -101,7 +96,7 @@ class Run:
             env["LLAMAFUSE_FAULT"] = fault
         with open(folder / "stdout.txt", "wb") as out, open(self.err, "wb") as err:
             self.proc = subprocess.Popen(
-                [*_llama_run(), "hellaswag", str(model), "--data", str(val), "--limit", str(limit), "--device", "cpu",
+                [*command("llama-run"), "hellaswag", str(model), "--data", str(val), "--limit", str(limit), "--device", "cpu",
                  "--batch-tokens", "100", "--samples", str(self.samples)],
                 stdout=out, stderr=err, env=env, start_new_session=True,
                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if ours is ignored

@@ -25,7 +25,7 @@ from llamafuse.formats.reference import Reference, reference_logits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoints import llama30b_like  # noqa: E402
-from conftest import DATA  # noqa: E402
+from conftest import DATA, command  # noqa: E402
 from harness_reference import (encode_pair, harness_metrics, harness_predictions, harness_scores,  # noqa: E402
                                loglikelihood, requests)
 
@@ -42,17 +42,7 @@ SAME_TOL = 1e-4     # the runtime against itself (batch size, tp)
 # ---------------------------------------------------------------- helpers
 
 
-def _cli() -> list[str]:
-    exe = Path(sys.executable).with_name("llama-run")
-    if exe.is_file():
-        return [str(exe)]
-    found = shutil.which("llama-run")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "from llamafuse.runtime.cli import main; main(prog_name='llama-run')"]
-
-
-LLAMA_RUN = _cli()
+LLAMA_RUN = command("llama-run")
 
 
 def llama_run(*args, combined: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
