@@ -155,3 +155,12 @@ def test_warm_up_runs_a_filler_batch(stories):
     tokens of the requested length through the whole model (FlexAttention too: in the slow test)."""
     m, tensors, items = stories
     Model(m.config, RankLayout(m.config, 1, 0), tensors, None, BlockAttention()).warm_up(96)
+
+
+def test_attention_choice_on_gpus(monkeypatch):
+    """sm80+: FlexAttention, one compiled graph per block; sm70 (V100): SDPA with masks, the work
+    around the attention call compiled."""
+    for cap, backend, mode in (((9, 0), FlexAttention, "block"), ((7, 0), BlockAttention, "around-attention")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, cap=cap: cap)
+        attn, compile = choose_attention(torch.device("cuda", 0), 128)
+        assert isinstance(attn, backend) and compile == mode
