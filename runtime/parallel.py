@@ -242,8 +242,8 @@ def _spawn(worker: Callable[..., Any], world: int, tp: int, device_type: str, ar
         return pickle.loads(_read_report(reports, 0)[1])
 
 
-def _under_torchrun(worker: Callable[..., Any], tp: int, device_type: str, args: tuple) -> Any:
-    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+def _under_torchrun(worker: Callable[..., Any], tp: int, device_type: str, args: tuple, rank: int) -> Any:
+    world = int(os.environ["WORLD_SIZE"])
     if world % tp:
         raise LlamafuseError(f"torchrun started {world} processes, not a multiple of the model's tp {tp}")
     own = not dist.is_initialized()
@@ -270,8 +270,9 @@ def launch(worker: Callable[..., Any], tp: int, replicas: int, device_type: str,
     itself (or runs inline when there is a single rank).
     """
     os.environ.update(SAFE_ENV)
-    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        return _under_torchrun(worker, tp, device_type, args)
+    rank = launched_rank()
+    if rank is not None:
+        return _under_torchrun(worker, tp, device_type, args, rank)
     world = tp * replicas
     with interrupts():
         if world == 1:
