@@ -185,7 +185,8 @@ def _hellaswag_job(model: Path, data: str | None, limit: int | None, bos: bool |
     bos_token = bos_id(m, bos)
     items = hellaswag.build_items(hellaswag.load_docs(data, limit), model_tokenizer(model, m), bos_token)
     groups = [it.group() for it in items]
-    check_requests(groups, m.config.max_seq_len, "hellaswag doc")
+    check_requests([r for g in groups for r in g.requests],
+                   [f"hellaswag doc {g.key}" for g in groups for _ in g.requests], m.config.max_seq_len)
     settings = Settings(batch_tokens or (16384 if dev == "cuda" else 2048), attention, label="hellaswag")
     data_id = data or hellaswag.HUB_ID
     if Path(data_id).is_file():

@@ -99,14 +99,18 @@ def prepare(groups: Sequence[Group], pad_to: int | None = None) -> Prepared:
                     *(torch.tensor(x, dtype=torch.long) for x in (rows, targets, slot)), len(forest))
 
 
-def check_requests(groups: Sequence[Group], max_len: int, unit: str) -> None:
-    """Every request has a context and a continuation, and fits the model's rotary tables."""
-    for g in groups:
-        for r in g.requests:
-            if not r.context or not r.continuation:
-                raise LlamafuseError(f"{unit} {g.key}: a request needs a non-empty context and continuation (in tokens)")
-            if len(r.inputs) > max_len:
-                raise LlamafuseError(f"{unit} {g.key}: {len(r.inputs)} positions, the model's rotary tables cover {max_len}")
+def check_requests(requests: Sequence[Request], names: Sequence[str], max_len: int) -> None:
+    """Every request has tokens to score and fits the model's rotary tables; `names[i]` says where
+    request i comes from (a longer one is refused where the harness's hf backend would cut the
+    context's left end)."""
+    for r, name in zip(requests, names):
+        if not r.context or not r.continuation:
+            raise LlamafuseError(f"{name}: a request needs a non-empty context and continuation (in tokens)")
+    long = [(len(r.inputs), name) for r, name in zip(requests, names) if len(r.inputs) > max_len]
+    if long:
+        n, name = max(long)
+        raise LlamafuseError(f"{name}: {n} positions, the model's rotary tables cover {max_len} "
+                             f"({len(long)} of {len(requests)} requests are too long)")
 
 
 class Readback:

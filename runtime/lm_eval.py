@@ -29,7 +29,7 @@ from llamafuse.formats import LlamafuseError, load_manifest
 from llamafuse.formats.errors import one_line
 from llamafuse.formats.tokenizer import Tokenizer
 
-from .evaluate import Group, Request, Score, Settings, score_worker
+from .evaluate import Group, Request, Score, Settings, check_requests, score_worker
 from .options import bos_id, model_tokenizer, resolve_device, resolve_replicas
 from .packing import pack_groups, prefix_forest
 from .parallel import launch, launched_rank
@@ -167,7 +167,7 @@ class LlamafuseLM(TemplateLM):
         """(log-likelihood, greedy) of each request: one model load and one run for all of them."""
         if not requests:
             return []
-        check_lengths(requests, names, self.max_length)
+        check_requests(requests, names, self.max_length)
         groups = [Group(i, (r,)) for i, r in enumerate(requests)]
         settings = Settings(self.batch_tokens, self.attention, label=request_type, unit="request")
         result = launch(score_worker, self.manifest.tp, self.replicas, self.device_type, self.folder,
@@ -187,19 +187,6 @@ class LlamafuseLM(TemplateLM):
 def _name(r: Instance) -> str:
     """Where a request comes from, for messages."""
     return f"task {r.task_name} doc {r.doc_id}"
-
-
-def check_lengths(requests: list[Request], names: list[str], max_len: int) -> None:
-    """Every request has tokens to score and fits the rotary tables (where the hf backend would cut
-    the context's left end, llamafuse refuses)."""
-    for r, name in zip(requests, names):
-        if not r.context or not r.continuation:
-            raise LlamafuseError(f"{name}: a request needs a non-empty context and continuation (in tokens)")
-    long = [(len(r.inputs), name) for r, name in zip(requests, names) if len(r.inputs) > max_len]
-    if long:
-        n, name = max(long)
-        raise LlamafuseError(f"{name}: {n} positions, the model's rotary tables cover {max_len} "
-                             f"({len(long)} of {len(requests)} requests are too long)")
 
 
 def hf_tokens(requests: list[Request]) -> int:

@@ -164,3 +164,11 @@ def test_nan_weights_give_no_score(model: Path, tmp_path: Path) -> None:
     assert "non-finite log-likelihoods" in line and "0, 1, 2" in line, line
     assert line.startswith("llama-run: error:") and p.stdout == "" and not (tmp_path / "r.json").exists()
     assert read_samples(samples) == []
+
+
+def test_items_longer_than_the_rotary_tables(tmp_path: Path, stories_meta: Path) -> None:
+    """Items that need more positions than the model's rotary tables: one line naming the item."""
+    short = tmp_path / "short"
+    convert(open_source(stories_meta, max_seq_len=16), short, 1, "float32", progress=False)
+    line = one_line_error(run(short, limit=3))
+    assert "hellaswag doc 2: 163 positions" in line and "rotary tables cover 16 (12 of 12" in line, line  # the longest
