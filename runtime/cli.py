@@ -199,7 +199,7 @@ def _hellaswag_job(model: Path, data: str | None, limit: int | None, bos: bool |
 def _hellaswag_run(job: HellaswagJob, samples: Path | None, done: dict[int, list[float]]) -> tuple[RunResult, dict]:
     """Score the items not in `done`; returns the run's result and every item's log-likelihoods."""
     lls = dict(done)
-    result = RunResult({}, 0.0, 0.0, 0.0, 0, job.replicas, job.device, process_age())
+    result = RunResult({}, 0.0, 0.0, 0.0, 0.0, 0, job.replicas, job.device, process_age())
     if len(done) < len(job.items) or launched_rank() is not None:  # under torchrun all ranks take part
         sink = SampleWriter(samples, {it.doc_id: it for it in job.items}) if samples else None
         started = process_age()
@@ -220,9 +220,9 @@ def _hellaswag_report(job: HellaswagJob, run: tuple[RunResult, dict], resumed: i
     wall = process_age()
     result = {
         "task": "hellaswag", **metrics,
-        "timing": {"wall_s": round(wall, 3), "startup_s": round(r.started_s, 3), "load_s": round(r.load_s, 3),
-                   "compile_s": round(r.compile_s, 3), "eval_s": round(r.eval_s, 3),
-                   "other_s": round(wall - r.started_s - r.load_s - r.compile_s - r.eval_s, 3),
+        "timing": {"wall_s": round(wall, 3), "startup_s": round(r.started_s, 3), "ready_s": round(r.ready_s, 3),
+                   "load_s": round(r.load_s, 3), "compile_s": round(r.compile_s, 3), "eval_s": round(r.eval_s, 3),
+                   "other_s": round(wall - r.started_s - r.ready_s - r.eval_s, 3),
                    "tokens": r.tokens, "tokens_per_s": round(r.tokens / max(r.eval_s, 1e-9), 1),
                    "items": len(job.items) - resumed, "resumed_items": resumed},
         "settings": {"model": str(job.folder), "dtype": m.dtype, "tp": m.tp, "replicas": r.replicas,
@@ -237,8 +237,9 @@ def _hellaswag_report(job: HellaswagJob, run: tuple[RunResult, dict], resumed: i
                    f"|-----------|------:|-------:|-------:|---------:|-------:|\n"
                    f"| hellaswag | {metrics['n']:5d} | {100 * metrics['acc']:6.2f} | {100 * metrics['acc_stderr']:6.2f} "
                    f"| {100 * metrics['acc_norm']:8.2f} | {100 * metrics['acc_norm_stderr']:6.2f} |")
-        click.echo(f"wall {t['wall_s']:.1f} s: start-up {t['startup_s']:.1f} s, load {t['load_s']:.1f} s, "
-                   f"compile {t['compile_s']:.1f} s, eval {t['eval_s']:.1f} s, other {t['other_s']:.1f} s; "
+        click.echo(f"wall {t['wall_s']:.1f} s: start-up {t['startup_s']:.1f} s, ready {t['ready_s']:.1f} s (load "
+                   f"{t['load_s']:.1f} s while compiling {t['compile_s']:.1f} s), eval {t['eval_s']:.1f} s, "
+                   f"other {t['other_s']:.1f} s; "
                    f"{t['tokens']:,} tokens ({t['tokens_per_s']:,.0f} tok/s) on {job.device} "
                    f"(tp {m.tp} x {r.replicas} replica(s), {m.dtype})")
     if output:

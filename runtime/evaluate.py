@@ -20,10 +20,10 @@ from tqdm import tqdm
 
 from llamafuse.formats import LlamafuseError, Manifest
 
-from .load import open_model
+from .load import load_rank, new_model, placeholder_layer
 from .model import Model
 from .packing import Batch, make_batch, pack_groups, prefix_forest, to_device
-from .parallel import Context
+from .parallel import Context, first_error
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,9 @@ class Settings:
 class RunResult:
     """What a run returns on global rank 0."""
     scores: dict[int, list[Score]]   # group key -> one Score per request
-    load_s: float                    # weights onto the device (the batches are packed meanwhile)
-    compile_s: float                 # compiling kernels on a filler batch before the first real one
+    load_s: float                    # weights onto the device
+    compile_s: float                 # compiling kernels on a filler batch, while the weights load
+    ready_s: float                   # until both were done (the batches are packed meanwhile)
     eval_s: float                    # all batches
     tokens: int                      # forest tokens run (filler excluded)
     replicas: int
@@ -165,32 +166,52 @@ def score_worker(ctx: Context, folder: Path, manifest: Manifest, groups: list[Gr
         with ThreadPoolExecutor(1) as pool:
             ready = pool.submit(_ready_model, ctx, folder, manifest, settings, bar, title)
             batches = pack_groups([[r.inputs for r in g.requests] for g in groups], settings.batch_tokens)
-            model, load_s, compile_s = ready.result()
+            model, *times = ready.result()
         bar.set_description_str(title, refresh=False)
-        return score_groups(ctx, model, groups, settings, sink, batches, bar, load_s, compile_s)
+        return score_groups(ctx, model, groups, settings, sink, batches, bar, *times)
     finally:
         bar.close()
 
 
 def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Settings, bar: tqdm,
-                 title: str) -> tuple[Model, float, float]:
-    """The loaded model with its kernels compiled; seconds spent loading and compiling."""
+                 title: str) -> tuple[Model, float, float, float]:
+    """The model with its weights on the device and its kernels compiled: a thread reads the
+    weights while this one builds the model and compiles on placeholder weights, so loading,
+    importing the compile stack and compiling overlap. (model, load_s, compile_s, ready_s)."""
     t0 = time.perf_counter()
-    model = open_model(ctx, folder, manifest, settings.attention)
-    if ctx.device.type == "cuda":
-        torch.cuda.synchronize(ctx.device)
-    t1 = time.perf_counter()
-    if model.compiles:
-        bar.set_description_str(f"{title}: compiling (minutes on a fresh machine, cached afterwards)")
-        model.warm_up(settings.batch_tokens)
+
+    def load() -> tuple[dict[str, torch.Tensor], float]:
+        tensors = load_rank(folder, manifest, ctx.tp_rank, ctx.device)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
-    return model, t1 - t0, time.perf_counter() - t1
+        return tensors, time.perf_counter() - t0
+
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(load)
+        model = new_model(ctx, manifest, settings.attention)
+        compile_s = 0.0
+        if model.compiles:
+            bar.set_description_str(f"{title}: loading weights and compiling (minutes on a fresh machine, "
+                                    "cached afterwards)")
+            t1 = time.perf_counter()
+            model.warm_up(settings.batch_tokens, placeholder_layer(manifest, ctx.device))
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)
+            compile_s = time.perf_counter() - t1
+        error = None
+        try:
+            model.w, load_s = loading.result()
+        except LlamafuseError as e:   # every rank compiled (its collectives matched); now all fail together
+            error, load_s = str(e), 0.0
+    error = first_error(ctx, error)
+    if error:
+        raise LlamafuseError(error)
+    return model, load_s, compile_s, time.perf_counter() - t0
 
 
 def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Settings, sink: Sink | None = None,
                  batches: list[list[int]] | None = None, bar: tqdm | None = None, load_s: float = 0.0,
-                 compile_s: float = 0.0) -> RunResult | None:
+                 compile_s: float = 0.0, ready_s: float = 0.0) -> RunResult | None:
     """Score this replica's share of `batches` (indices of `groups`; packed here if None);
     global rank 0 gets everyone's scores."""
     pad_to = settings.batch_tokens if model.attention.fixed_shape else None
@@ -239,7 +260,7 @@ def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Sett
     finally:
         if own_bar:
             bar.close()
-    mine_result = RunResult(scores if leader else {}, load_s, compile_s, time.perf_counter() - t1,
+    mine_result = RunResult(scores if leader else {}, load_s, compile_s, ready_s, time.perf_counter() - t1,
                             done_tokens if leader else 0, ctx.replicas, str(ctx.device))
     if ctx.world == 1:
         return mine_result
@@ -249,7 +270,7 @@ def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Sett
         return None
     return RunResult({k: v for g in gathered for k, v in g.scores.items()},
                      max(g.load_s for g in gathered), max(g.compile_s for g in gathered),
-                     max(g.eval_s for g in gathered), sum(g.tokens for g in gathered), ctx.replicas, str(ctx.device))
+                     max(g.ready_s for g in gathered), max(g.eval_s for g in gathered), sum(g.tokens for g in gathered), ctx.replicas, str(ctx.device))
 
 
 def _split(groups: Sequence[Group], flat: list[list[float]]) -> list[list[Score]]:

@@ -97,9 +97,9 @@ def _copy_file_to_device(path: Path, device: torch.device, threads: int) -> torc
     return dev
 
 
-def open_model(ctx: Context, folder: Path, manifest: Manifest, attention: str = "auto") -> Model:
-    """Load this rank's file onto its device and build the model; all ranks fail together."""
-    error = None
+def load_weights(ctx: Context, folder: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
+    """This rank's tensors on its device (`load_rank`); all ranks fail together."""
+    error = tensors = None
     try:
         tensors = load_rank(folder, manifest, ctx.tp_rank, ctx.device)
     except LlamafuseError as e:
@@ -107,8 +107,31 @@ def open_model(ctx: Context, folder: Path, manifest: Manifest, attention: str = 
     error = first_error(ctx, error)
     if error:
         raise LlamafuseError(error)
+    return tensors
+
+
+def new_model(ctx: Context, manifest: Manifest, attention: str = "auto") -> Model:
+    """This rank's model with its attention backend and compile mode, weights not loaded yet
+    (`Model.w` is empty until set). Building it imports the compile stack where it compiles."""
+    specs = rank_tensor_specs(manifest.config, manifest.tp, manifest.dtype)
     if manifest.dtype == "float8":
-        check_fp8_device(ctx.device, [t.shape for n, t in tensors.items() if n.endswith(tuple(names.MATRICES))])
+        check_fp8_device(ctx.device, [s.shape for s in specs if s.name.endswith(tuple(names.MATRICES))])
     backend, compile = choose_attention(ctx.device, manifest.config.head_dim, attention, manifest.torch_dtype)
-    return Model(manifest.config, RankLayout(manifest.config, manifest.tp, ctx.tp_rank), tensors, ctx.tp_group,
+    return Model(manifest.config, RankLayout(manifest.config, manifest.tp, ctx.tp_rank), {}, ctx.tp_group,
                  backend, compile)
+
+
+def placeholder_layer(manifest: Manifest, device: torch.device) -> dict[str, torch.Tensor]:
+    """Zeros shaped like one rank's layer-0 tensors: what `Model.warm_up` compiles on while the
+    weights load."""
+    layer0 = {names.layer(0, p) for p in names.LAYER_PARTS}
+    layer0 |= {names.scale(n) for n in layer0}
+    return {s.name: torch.zeros(s.shape, dtype=s.dtype, device=device)
+            for s in rank_tensor_specs(manifest.config, manifest.tp, manifest.dtype) if s.name in layer0}
+
+
+def open_model(ctx: Context, folder: Path, manifest: Manifest, attention: str = "auto") -> Model:
+    """Load this rank's file onto its device and build the model; all ranks fail together."""
+    model = new_model(ctx, manifest, attention)
+    model.w = load_weights(ctx, folder, manifest)
+    return model

@@ -36,7 +36,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class Model:
-    """One rank's share of the model; `group` is its tensor-parallel process group (or None)."""
+    """One rank's share of the model; `group` is its tensor-parallel process group (or None).
+    `tensors` (the rank file's, by name) may be set as `.w` after compiling (see `warm_up`)."""
 
     def __init__(self, config: ModelConfig, lay: RankLayout, tensors: dict[str, torch.Tensor],
                  group: dist.ProcessGroup | None = None, attention: Attention | None = None,
@@ -61,9 +62,12 @@ class Model:
             dist.all_reduce(x, group=self.group)
         return x
 
-    def layer(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Any) -> torch.Tensor:
-        weights = [self.w[names.layer(i, p)] for p in names.LAYER_PARTS]
-        scales = [self.w.get(names.scale(names.layer(i, p))) for p in names.MATRICES]  # float8 only
+    def layer(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Any,
+              w: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Block i on the model's weights (or on `w`, tensors named as the model's)."""
+        w = self.w if w is None else w
+        weights = [w[names.layer(i, p)] for p in names.LAYER_PARTS]
+        scales = [w.get(names.scale(names.layer(i, p))) for p in names.MATRICES]  # float8 only
         return self._block(h, cos, sin, attn, *weights, *scales)
 
     def _block(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Any, attn_norm: torch.Tensor,
@@ -94,12 +98,17 @@ class Model:
         gate, up = linear(x, gate_up, gate_up_s).chunk(2, dim=-1)               # [N, ffn/tp] each
         return h + self._all_reduce(linear(F.silu(gate) * up, down, down_s))
 
-    def warm_up(self, n: int) -> None:
-        """Compile (or fetch from the compile cache) the kernels for batches of n tokens by running
-        a batch of n filler tokens."""
-        b = make_batch(prefix_forest([]), [0], pad_to=n).to(self.w[names.EMBED].device)
-        zero = b.select.new_zeros(1)
-        self.target_logprobs(b, zero, zero)
+    @torch.inference_mode()
+    def warm_up(self, n: int, layer0: dict[str, torch.Tensor]) -> None:
+        """Compile (or fetch from the compile cache) the kernels for batches of n tokens: the
+        attention mask's and one block's, run on a batch of filler tokens with `layer0` as layer 0's
+        weights (placeholders will do: only shapes and dtypes matter, so this can run while the
+        real weights load). The rest of the forward is eager."""
+        norm = layer0[names.layer(0, names.ATTN_NORM)]
+        b = make_batch(prefix_forest([]), [0], pad_to=n).to(norm.device)
+        cos, sin = (torch.zeros(n, 1, self.c.head_dim // 2, device=norm.device) for _ in "cs")  # [N, 1, hd/2]
+        h = torch.zeros(n, self.c.dim, dtype=norm.dtype, device=norm.device)
+        self.layer(0, h, cos, sin, self.attention.prepare(b), layer0)
 
     @torch.inference_mode()
     def logits(self, b: Batch) -> torch.Tensor:

@@ -2,13 +2,13 @@
 lm-eval tasks through `llama-run lm-eval` against the harness's own hf backend on a sample.
 
     python3 scripts/bench_real_model.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --data hellaswag_val.jsonl.gz \
-        --mmlu-data DIR --out DIR [--parts hellaswag,lm-eval,hf] [--hf-limit 10]
+        --mmlu-data DIR --out DIR [--parts hellaswag,lm-eval,hf] [--hf-limits 5,15]
 
 Converts the GGUF three times (llama-convert --dtype float32|float16|float8), scores the full
 HellaSwag split with each (llama-run hellaswag --samples), and compares their decisions item by
 item with float32's; then full MMLU 5-shot (the harness's 57 subject configs over local files) and
-HellaSwag through `llama-run lm-eval` on the fp16 folder, and the harness's hf backend on
---hf-limit docs per task. Run from the repository root (the local task configs read
+HellaSwag through `llama-run lm-eval` on the fp16 folder, and the harness's hf backend at two
+--limit sizes (the full task's time extrapolated from the marginal time per document). Run from the repository root (the local task configs read
 ../shared/data). Writes DIR/real.json after every step.
 """
 from __future__ import annotations
@@ -43,6 +43,18 @@ def decisions(a: dict[int, dict], b: dict[int, dict]) -> dict:
             "max_dll": max(abs(x - y) for d in a for x, y in zip(a[d]["lls"], b[d]["lls"]))}
 
 
+FULL = {"mmlu": (14042, 57), "hellaswag": (10042, 1)}   # (documents, tasks the limit applies to)
+
+
+def extrapolate(walls: dict[int, float], full: tuple[int, int]) -> dict:
+    """The full task's seconds from two runs at different --limit: the marginal seconds per
+    document times the documents, plus what the smaller run spent outside its documents."""
+    (n1, w1), (n2, w2) = sorted(walls.items())[:2]
+    docs, tasks = full
+    per_doc = (w2 - w1) / ((n2 - n1) * tasks)
+    return {"s_per_doc": per_doc, "fixed_s": w1 - per_doc * n1 * tasks, "full_s_extrapolated": w1 + per_doc * (docs - n1 * tasks)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gguf", type=Path, required=True)
@@ -51,7 +63,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/dev/shm/llamafuse-real"))
     ap.add_argument("--parts", default="hellaswag,lm-eval,hf")
     ap.add_argument("--mmlu-data", type=Path, required=True, help="folder with MMLU's test.jsonl.gz and dev.jsonl.gz")
-    ap.add_argument("--hf-limit", type=int, default=10, help="MMLU questions per subject for the harness's hf backend sample (HellaSwag: 20x).")
+    ap.add_argument("--hf-limits", type=lambda v: [int(x) for x in v.split(",")], default=[5, 15],
+                    help="two sample sizes for the harness's hf backend: MMLU questions per subject (HellaSwag: 20x)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log, report = args.out / "log.txt", {"gguf": str(args.gguf)}
@@ -99,18 +112,24 @@ def main() -> None:
                                          "engine": [ln for ln in out.read_text().splitlines() if "tokens run" in ln]}
             print(task, report[f"lm-eval {task}"], flush=True)
             save()
-    if "hf" in parts:   # the harness's own hf backend on a sample, on an HF copy of the same weights
+    if "hf" in parts:   # the harness's own hf backend on two samples, on an HF copy of the same weights
         hf = args.work / "hf"
-        sh([sys.executable, "-c", "import sys; sys.path.insert(0, 'tests'); from smollm import write_hf_copy; "
-            f"write_hf_copy({str(args.gguf)!r}, {str(hf)!r})"], log)
-        limit = {"mmlu": args.hf_limit, "hellaswag": 20 * args.hf_limit}   # per subject; of 10042 items
+        rc, _ = sh([sys.executable, "-c", "import sys; from pathlib import Path; sys.path.insert(0, 'tests'); "
+                    f"from smollm import write_hf_copy; write_hf_copy(Path({str(args.gguf)!r}), Path({str(hf)!r}))"], log)
+        if rc:
+            sys.exit(f"writing the Hugging Face copy failed (exit {rc}); see {log}")
         for task, targs in tasks.items():
             harness = [a.replace("--include-path", "--include_path").replace("--num-fewshot", "--num_fewshot")
                        for a in targs]
-            rc, wall = sh([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-                           f"pretrained={hf},dtype=float16", *harness, "--device", "cuda", "--batch_size", "64",
-                           "--limit", str(limit[task])], log)
-            report[f"hf {task}"] = {"exit": rc, "wall_s": wall, "limit_per_task": limit[task]}
+            walls = {}
+            for limit in args.hf_limits:   # per MMLU subject (57 of them); HellaSwag items: 20x
+                n = limit * (20 if task == "hellaswag" else 1)
+                rc, walls[n] = sh([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                                   f"pretrained={hf},dtype=float16", *harness, "--device", "cuda",
+                                   "--batch_size", "64", "--limit", str(n)], log)
+                report[f"hf {task}"] = {"exit": rc, "wall_s_by_limit": walls}
+                save()
+            report[f"hf {task}"].update(extrapolate(walls, FULL[task]))
             print(task, report[f"hf {task}"], flush=True)
             save()
     print(json.dumps(report, indent=1))

@@ -107,7 +107,7 @@ def test_sm80_path_pieces_equal_the_sdpa_mask_path(stories):
     ref, ref_greedy = Model(m.config, lay, tensors, None, BlockAttention()).target_logprobs(*ib[:3])
     padded = prepare(groups, pad_to=ib.tokens + m.config.max_seq_len + 5)
     flex_model = Model(m.config, lay, tensors, None, FlexAttention())
-    flex_model.warm_up(len(padded.batch.tokens))
+    flex_model.warm_up(len(padded.batch.tokens), tensors)
     flex, greedy = flex_model.target_logprobs(*padded[:3])
     assert torch.allclose(flex, ref, atol=1e-4), (flex - ref).abs().max()
     assert torch.equal(greedy, ref_greedy)
@@ -150,11 +150,28 @@ def test_out_of_memory_is_one_clear_error(stories):
         score_groups(ctx, model, [it.group() for it in items], Settings(4096, progress=False))
 
 
-def test_warm_up_runs_a_filler_batch(stories):
-    """warm_up (what the compile phase runs before the first real batch) takes a batch of filler
-    tokens of the requested length through the whole model (FlexAttention too: in the slow test)."""
+def test_warm_up_runs_a_filler_batch_on_placeholders(stories):
+    """warm_up (what the compile phase runs while the weights load) takes a batch of filler tokens
+    of the requested length through one block on placeholder weights, in every compile mode (on the
+    CPU the compiled modes run through inductor's CPU backend), and the model then scores with its
+    real weights set afterwards, without compiling again."""
+    from llamafuse.runtime.load import placeholder_layer
     m, tensors, items = stories
-    Model(m.config, RankLayout(m.config, 1, 0), tensors, None, BlockAttention()).warm_up(96)
+    placeholders = placeholder_layer(m, torch.device("cpu"))
+    assert set(placeholders) == {k for k in tensors if k.startswith("layers.0.")}
+    assert all(placeholders[k].shape == tensors[k].shape and placeholders[k].dtype == tensors[k].dtype
+               for k in placeholders)
+    ib = prepare([it.group() for it in items[:3]])
+    lay = RankLayout(m.config, 1, 0)
+    ref = Model(m.config, lay, tensors, None, BlockAttention()).target_logprobs(*ib[:3])[0]
+    from torch._dynamo.utils import counters
+    for mode in (None, "around-attention"):
+        model = Model(m.config, lay, {}, None, BlockAttention(), compile=mode)
+        model.warm_up(96, placeholders)
+        graphs = counters["stats"]["unique_graphs"]
+        model.w = tensors
+        assert torch.allclose(model.target_logprobs(*ib[:3])[0], ref, atol=1e-4), mode
+        assert counters["stats"]["unique_graphs"] == graphs, f"{mode}: compiled again for the real weights"
 
 
 def test_attention_choice_on_gpus(monkeypatch):

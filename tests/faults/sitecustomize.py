@@ -50,7 +50,7 @@ if os.environ.get("LLAMAFUSE_FAULT"):
             return real_init(*args, **kwargs)
         dist.init_process_group = init_process_group
     elif point == "load":
-        wrap("open_model", before=True)
+        wrap("load_rank", before=True)
     elif point == "batch":
         wrap("score_batch", nth=2)
     elif point == "end":
