@@ -11,11 +11,12 @@ Absolute imports only: `lm_eval` here is the harness, never this module.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from tqdm import tqdm
 import lm_eval.models  # noqa: F401 - the harness's own models first: its registry loads them only when empty
 from lm_eval import simple_evaluate
 from lm_eval import utils as harness_utils
@@ -33,6 +34,8 @@ from .evaluate import Group, Request, Score, Settings, check_requests, score_wor
 from .options import bos_id, model_tokenizer, resolve_device, resolve_replicas
 from .packing import pack_groups, prefix_forest
 from .parallel import launch, launched_rank
+
+ENCODE_BATCH = 4096  # texts per batched tokenizer call
 
 GENERATION = "generate_until"
 
@@ -80,6 +83,7 @@ class LlamafuseLM(TemplateLM):
         self.bos = bos_id(self.manifest, None)   # the tokenizer's own rule: HFLM's add_special_tokens
         self.calls: list[CallStats] = []
         self._names: list[str] | None = None   # the requests' tasks and docs, during `loglikelihood`
+        self._encoded: dict[str, np.ndarray] = {}  # texts encoded ahead, during one request type's call
 
     # ------------------------------------------------ tokenization (HFLM's rules on our tokenizer)
 
@@ -111,9 +115,21 @@ class LlamafuseLM(TemplateLM):
         ids = self._encode(string)
         return [self.bos, *ids] if add_special_tokens and self.bos is not None else list(ids)
 
-    @functools.lru_cache(maxsize=1 << 16)  # noqa: B019 - one backend per run; the harness encodes each context once per choice
-    def _encode(self, string: str) -> tuple[int, ...]:
-        return tuple(self.tok.encode([string])[0])
+    def _encode(self, string: str) -> list[int]:
+        ids = self._encoded.get(string)
+        return self.tok.encode([string])[0] if ids is None else ids.tolist()
+
+    def _encode_ahead(self, texts: set[str], disable_tqdm: bool) -> None:
+        """Encode the texts the harness will ask for one at a time in large batches instead (the
+        tokenizers spread a batch over the CPU's cores); only a cache, so a text missed here is
+        encoded when asked for."""
+        todo = list(texts)
+        with tqdm(total=len(todo), desc="Encoding texts", unit="text", disable=disable_tqdm) as bar:
+            for i in range(0, len(todo), ENCODE_BATCH):
+                chunk = todo[i:i + ENCODE_BATCH]
+                for text, ids in zip(chunk, self.tok.encode(chunk)):
+                    self._encoded[text] = np.asarray(ids, dtype=np.int64)
+                bar.update(len(chunk))
 
     def _starts_with_prefix(self, string: str) -> bool:
         t = self.manifest.tokenizer
@@ -128,9 +144,10 @@ class LlamafuseLM(TemplateLM):
         """The harness's tokenization (TemplateLM.loglikelihood), then one engine run for all."""
         self._names = [_name(r) for r in requests]
         try:
+            self._encode_ahead({t for r in requests for t in _pair_texts(*r.args)}, disable_tqdm)
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         finally:
-            self._names = None
+            self._names, self._encoded = None, {}
 
     def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
                               disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -144,14 +161,18 @@ class LlamafuseLM(TemplateLM):
         windows: list[Request] = []
         names: list[str] = []
         owner: list[int] = []
-        for i, r in enumerate(requests):
-            (string,) = r.args
-            for ctx, cont in map(harness_utils.make_disjoint_window, harness_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1)):
-                windows.append(Request(tuple(ctx), tuple(cont)))
-                names.append(_name(r))
-                owner.append(i)
+        try:
+            self._encode_ahead({r.args[0] for r in requests}, disable_tqdm)
+            for i, r in enumerate(requests):
+                (string,) = r.args
+                for ctx, cont in map(harness_utils.make_disjoint_window, harness_utils.get_rolling_token_windows(
+                        token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                        max_seq_len=self.max_length, context_len=1)):
+                    windows.append(Request(tuple(ctx), tuple(cont)))
+                    names.append(_name(r))
+                    owner.append(i)
+        finally:
+            self._encoded = {}
         totals = [0.0] * len(requests)
         for i, (ll, _) in zip(owner, self.score(windows, names, "loglikelihood_rolling")):
             totals[i] += ll
@@ -183,6 +204,12 @@ class LlamafuseLM(TemplateLM):
         m = self.manifest
         return {"model_path": str(self.folder), "model_dtype": m.dtype, "tp": m.tp, "replicas": self.replicas,
                 "device": self.device_type, "batch_tokens": self.batch_tokens}
+
+
+def _pair_texts(context: str, continuation: str) -> tuple[str, ...]:
+    """The texts TemplateLM.loglikelihood encodes for one pair: the whole text and the context less
+    its trailing whitespace (`_encode_pair`), or the continuation alone after an empty context."""
+    return (context + continuation, context.rstrip()) if context else (continuation,)
 
 
 def _name(r: Instance) -> str:

@@ -231,6 +231,24 @@ def test_tokenizer_rules_match_hf_backend(stories_json, ours_512):
     assert ours.calls[-1].requests > len(rolling)   # the long document took several windows
 
 
+def test_texts_encoded_ahead_in_batches(ours_512, monkeypatch):
+    """Every text the harness's tokenization asks for (whole texts, contexts less trailing spaces,
+    continuations after an empty context, rolling documents) was encoded ahead in one batched
+    call, and the scores are those of encoding each text when asked."""
+    lm = LlamafuseLM(ours_512, device="cpu")
+    calls: list[int] = []
+    real = lm.tok.encode
+    monkeypatch.setattr(lm.tok, "encode", lambda texts: calls.append(len(texts)) or real(texts))
+    ll = [Instance("loglikelihood", {}, args, i, ("ahead", i, 1)) for i, args in enumerate(
+        [("", " Once upon a time"), ("Lily went ", "home."), ("Lily went ", "out."), ("<s>Once upon", " a time")])]
+    rolling = [Instance("loglikelihood_rolling", {}, ("Once upon a time, there was a girl. " * 30,), 0, ("ahead", 9, 1))]
+    ahead = lm.loglikelihood(ll), lm.loglikelihood_rolling(rolling)
+    assert calls == [6, 1], calls   # one batch per request type; nothing encoded one at a time later
+    monkeypatch.setattr(lm, "_encode_ahead", lambda texts, disable_tqdm: None)
+    assert (lm.loglikelihood(ll), lm.loglikelihood_rolling(rolling)) == ahead
+    assert not lm._encoded
+
+
 def test_sentencepiece_tokenizer_vs_transformers(ours_sp, stories_hf, hf_runs):
     """With stories260K's own tokenizer.model, requests tokenize exactly as the hf backend's
     except where the text has a run of spaces: the SentencePiece model collapses it
