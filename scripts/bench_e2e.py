@@ -63,7 +63,7 @@ def run_cli(folder: Path, args: argparse.Namespace, cache: Path, name: str) -> d
     r = json.loads(results.read_text())
     t = r["timing"]
     print(f"{name}: wall {t['wall_s']:.1f} s (outside {outside:.1f} s) = start-up {t['startup_s']:.1f} + ready "
-          f"{t['ready_s']:.1f} (load {t['load_s']:.1f} while compiling {t['compile_s']:.1f}) + eval {t['eval_s']:.1f} "
+          f"{t['ready_s']:.1f} (load {t['load_s']:.1f} | compile {t['compile_s']:.1f}) + eval {t['eval_s']:.1f} "
           f"+ other {t['other_s']:.1f}; "
           f"wall / eval {t['wall_s'] / t['eval_s']:.3f}", flush=True)
     return {"timing": t, "outside_wall_s": outside, "acc": r["acc"], "acc_norm": r["acc_norm"]}
@@ -81,7 +81,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
-                    "layers": args.layers}
+                    "layers": args.layers, "pycache_prefix": os.environ.get("PYTHONPYCACHEPREFIX")}
     save = lambda: (args.out / "e2e.json").write_text(json.dumps(report, indent=2))  # noqa: E731
     if not (args.folder / "manifest.json").is_file():
         c = ModelConfig(**{**LLAMA_30B, "n_layers": args.layers})
