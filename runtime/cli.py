@@ -238,7 +238,7 @@ def _hellaswag_report(job: HellaswagJob, run: tuple[RunResult, dict], resumed: i
                    f"| hellaswag | {metrics['n']:5d} | {100 * metrics['acc']:6.2f} | {100 * metrics['acc_stderr']:6.2f} "
                    f"| {100 * metrics['acc_norm']:8.2f} | {100 * metrics['acc_norm_stderr']:6.2f} |")
         click.echo(f"wall {t['wall_s']:.1f} s: start-up {t['startup_s']:.1f} s, ready {t['ready_s']:.1f} s (load "
-                   f"{t['load_s']:.1f} s while compiling {t['compile_s']:.1f} s), eval {t['eval_s']:.1f} s, "
+                   f"{t['load_s']:.1f} s and compile {t['compile_s']:.1f} s side by side), eval {t['eval_s']:.1f} s, "
                    f"other {t['other_s']:.1f} s; "
                    f"{t['tokens']:,} tokens ({t['tokens_per_s']:,.0f} tok/s) on {job.device} "
                    f"(tp {m.tp} x {r.replicas} replica(s), {m.dtype})")

@@ -301,8 +301,8 @@ def report(job: Job, results: dict, num_fewshot: int | None, limit: int | None) 
     for c in lm.calls:
         lines.append(f"{c.request_type}: {c.requests:,} requests, {c.tokens:,} tokens run (hf backend: "
                      f"{c.hf_tokens:,}, {c.hf_tokens / max(c.tokens, 1):.2f}x; one forward per request: "
-                     f"{c.request_tokens:,}); ready {c.ready_s:.1f} s (load {c.load_s:.1f} s while compiling "
-                     f"{c.compile_s:.1f} s), eval {c.eval_s:.1f} s, "
+                     f"{c.request_tokens:,}); ready {c.ready_s:.1f} s (load {c.load_s:.1f} s and compile "
+                     f"{c.compile_s:.1f} s side by side), eval {c.eval_s:.1f} s, "
                      f"{c.tokens / max(c.eval_s, 1e-9):,.0f} tok/s")
     return "\n".join(lines)
 
