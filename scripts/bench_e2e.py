@@ -2,7 +2,7 @@
 in a fresh process with an empty compile cache (cold) and again with the cache it left (warm).
 
     python3 scripts/bench_e2e.py --data DATA.jsonl.gz --tokenizer tokenizer.model --out DIR \
-        [--dtype float16|float8] [--layers 60] [--runs cold,warm] [--folder /dev/shm/llama30b]
+        [--dtype float16|float8] [--layers 60] [--tp 1] [--replicas N] [--runs cold,warm] [--folder DIR]
 
 Weights are random (matrices ~ N(0, 1/fan_in)), drawn on the GPU and written by llama-convert's
 writer (hashes, manifest and all). Each run's results.json timing (wall time from process start
@@ -53,7 +53,7 @@ def run_cli(folder: Path, args: argparse.Namespace, cache: Path, name: str) -> d
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
     results = args.out / f"{name}.json"
     cmd = ["llama-run", "hellaswag", str(folder), "--data", args.data, "--device", "cuda", "--output", str(results),
-           "--force"]
+           "--force", *(["--replicas", str(args.replicas)] if args.replicas else [])]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     outside = time.perf_counter() - t0
@@ -76,17 +76,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--layers", type=int, default=60)
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks to convert for")
+    ap.add_argument("--replicas", type=int, default=None, help="llama-run --replicas [default: all GPUs / tp]")
     ap.add_argument("--runs", default="cold,warm")
     ap.add_argument("--folder", type=Path, default=Path("/dev/shm/llamafuse-e2e/model"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
-                    "layers": args.layers, "pycache_prefix": os.environ.get("PYTHONPYCACHEPREFIX")}
+                    "layers": args.layers, "tp": args.tp, "replicas": args.replicas, "pycache_prefix": os.environ.get("PYTHONPYCACHEPREFIX")}
     save = lambda: (args.out / "e2e.json").write_text(json.dumps(report, indent=2))  # noqa: E731
     if not (args.folder / "manifest.json").is_file():
         c = ModelConfig(**{**LLAMA_30B, "n_layers": args.layers})
         t0 = time.perf_counter()
-        convert(RandomSource(c, args.tokenizer), args.folder, 1, args.dtype, progress=False)
+        convert(RandomSource(c, args.tokenizer), args.folder, args.tp, args.dtype, progress=False)
         report["convert_s"] = time.perf_counter() - t0
         print(f"converted in {report['convert_s']:.1f} s", flush=True)
         save()
