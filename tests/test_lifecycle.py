@@ -91,7 +91,8 @@ class Run:
 
     def __init__(self, folder: Path, model: Path, val: Path, *, limit: int, fault: str | None = None):
         self.samples, self.err = folder / "samples.jsonl", folder / "stderr.txt"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(FAULTS), os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(FAULTS), os.environ.get("PYTHONPATH")])),
+               "TMPDIR": str(folder)}   # the ranks' report folder goes here: `rank_folders_left`
         if fault:
             env["LLAMAFUSE_FAULT"] = fault
         with open(folder / "stdout.txt", "wb") as out, open(self.err, "wb") as err:
@@ -101,6 +102,10 @@ class Run:
                 stdout=out, stderr=err, env=env, start_new_session=True,
                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if ours is ignored
         self.seen: dict[int, int] = {}
+
+    def rank_folders_left(self) -> list[Path]:
+        """The ranks' temporary report folders still there after the run."""
+        return list(self.samples.parent.glob("llamafuse-ranks-*"))
 
     def watch_until(self, ready, what: str) -> None:
         end = time.monotonic() + RUN_S
@@ -190,6 +195,7 @@ def test_signal(tmp_path, model, val, target, signum, when):
         os.kill(ranks(run.proc.pid)[int(target[-1])], signum)
     code = run.finish()
     line = run.one_line()
+    assert not run.rank_folders_left()   # the parent saw the signal and cleaned up
     if target.startswith("rank"):
         assert code == 2 and line == f"rank {target[-1]} was killed by {signal.Signals(signum).name}", (code, line)
     else:
@@ -200,11 +206,14 @@ def test_signal(tmp_path, model, val, target, signum, when):
 
 
 def test_parent_killed(tmp_path, model, val):
-    """SIGKILL of the parent cannot be handled there: the ranks follow it (PR_SET_PDEATHSIG)."""
+    """SIGKILL of the parent cannot be handled there: the ranks follow it (PR_SET_PDEATHSIG). Its
+    empty report folder is left in the temporary directory."""
     run = Run(tmp_path, model, val, limit=LONG)
     run.watch_until(run.scoring, "scoring")
     os.kill(run.proc.pid, signal.SIGKILL)
     assert run.finish() == -signal.SIGKILL
+    (left,) = run.rank_folders_left()   # so the other tests' "none left" looks in the right place
+    assert not any(left.iterdir())
     run.samples_whole()
 
 
@@ -231,6 +240,7 @@ def test_rank_fails(tmp_path, model, val, fault):
     line = run.one_line()
     assert code == 2 and re.fullmatch(RANK_FAULTS[fault], line), (code, line)
     assert "Traceback" not in run.stderr()
+    assert not run.rank_folders_left()
     run.samples_whole()
 
 
