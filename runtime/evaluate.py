@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from llamafuse.formats import LlamafuseError, Manifest
 
-from .load import load_rank, new_model, placeholder_layer
+from .load import check_device, load_rank, new_model, placeholder_layer
 from .model import Model
 from .packing import Batch, make_batch, pack_groups, prefix_forest, to_device
 from .parallel import Context, first_error
@@ -178,6 +178,7 @@ def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
     """The model with its weights on the device and its kernels compiled: a thread reads the
     weights while this one builds the model and compiles on placeholder weights, so loading,
     importing the compile stack and compiling overlap. (model, load_s, compile_s, ready_s)."""
+    check_device(ctx, manifest)
     t0 = time.perf_counter()
 
     def load() -> tuple[dict[str, torch.Tensor], float]:

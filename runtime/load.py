@@ -110,12 +110,17 @@ def load_weights(ctx: Context, folder: Path, manifest: Manifest) -> dict[str, to
     return tensors
 
 
+def check_device(ctx: Context, manifest: Manifest) -> None:
+    """What this rank's device must support for the model (float8: FP8 matrix units), checked
+    before any work."""
+    if manifest.dtype == "float8":
+        specs = rank_tensor_specs(manifest.config, manifest.tp, manifest.dtype)
+        check_fp8_device(ctx.device, [s.shape for s in specs if s.name.endswith(tuple(names.MATRICES))])
+
+
 def new_model(ctx: Context, manifest: Manifest, attention: str = "auto") -> Model:
     """This rank's model with its attention backend and compile mode, weights not loaded yet
     (`Model.w` is empty until set). Building it imports the compile stack where it compiles."""
-    specs = rank_tensor_specs(manifest.config, manifest.tp, manifest.dtype)
-    if manifest.dtype == "float8":
-        check_fp8_device(ctx.device, [s.shape for s in specs if s.name.endswith(tuple(names.MATRICES))])
     backend, compile = choose_attention(ctx.device, manifest.config.head_dim, attention, manifest.torch_dtype)
     return Model(manifest.config, RankLayout(manifest.config, manifest.tp, ctx.tp_rank), {}, ctx.tp_group,
                  backend, compile)
@@ -132,6 +137,7 @@ def placeholder_layer(manifest: Manifest, device: torch.device) -> dict[str, tor
 
 def open_model(ctx: Context, folder: Path, manifest: Manifest, attention: str = "auto") -> Model:
     """Load this rank's file onto its device and build the model; all ranks fail together."""
+    check_device(ctx, manifest)
     model = new_model(ctx, manifest, attention)
     model.w = load_weights(ctx, folder, manifest)
     return model

@@ -94,6 +94,25 @@ def test_gpu_without_fp8_refused(monkeypatch) -> None:
         check_fp8_device(torch.device("cuda", 0), [(64, 172)])
 
 
+def test_float8_refused_before_loading(monkeypatch, tmp_path: Path, stories_meta: Path) -> None:
+    """On a GPU without FP8 matrix units a run stops in one line before reading any weights."""
+    from tqdm import tqdm
+
+    from llamafuse.runtime import evaluate
+    from llamafuse.runtime.parallel import Context
+    out = tmp_path / "fp8"
+    convert(open_source(stories_meta), out, 1, "float8", progress=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100-SXM2-32GB")
+    reads: list[object] = []
+    monkeypatch.setattr(evaluate, "load_rank", lambda *a, **k: reads.append(a))
+    ctx = Context(0, 1, 1, torch.device("cuda", 0), None, 0, 0, 1)
+    with pytest.raises(LlamafuseError, match="FP8 matrix units"):
+        evaluate._ready_model(ctx, out, load_manifest(out), evaluate.Settings(64, progress=False),
+                              tqdm(disable=True), "hellaswag")
+    assert not reads
+
+
 def test_float8_tolerance_still_catches_a_wrong_conversion(tmp_path: Path, stories_meta: Path) -> None:
     """The float8 tolerance is loose (quantization noise), but weights that are not the source's
     (gate and up swapped in every layer) still fail validation against it."""
