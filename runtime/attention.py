@@ -69,18 +69,33 @@ class FlexAttention:
     fixed_shape = True
 
     def __init__(self, block: tuple[int, int] = (128, 128)) -> None:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
         self.block = block
-        self._create = torch.compile(create_block_mask, dynamic=False)
+        self._from_kv_blocks = BlockMask.from_kv_blocks
         self._flex = torch.compile(flex_attention, dynamic=False)
 
     def prepare(self, b: Batch) -> Any:
+        """The forest's block mask, built from `end` with a few tensor ops (nothing to compile): a
+        (query, key) tile is skipped when no pair in it is visible, runs without the mask function
+        when every pair is, and with it otherwise. Key k is seen by queries k..end[k]-1."""
         end = b.end
+        n, (Q, K) = end.numel(), self.block
+        nq, nk = -(-n // Q), -(-n // K)
+        key = torch.arange(nk * K, device=end.device).view(nk, K)                # [nk, K]
+        seen_to = (F.pad(end, (0, nk * K - n)) - 1).view(nk, K)                  # padded keys: -1, unseen
+        q0 = torch.arange(nq, device=end.device)[:, None, None] * Q              # [nq, 1, 1] first query
+        some = ((key <= q0 + Q - 1) & (seen_to >= q0)).any(-1)                  # [nq, nk]
+        every = ((key <= q0) & (seen_to >= q0 + Q - 1)).all(-1)                    # padded queries: unseen
+
+        def ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """[1, 1, nq] counts and [1, 1, nq, nk] indices of the marked tiles, ascending, first."""
+            order = torch.argsort((~tiles).to(torch.int8), dim=-1, stable=True)
+            return tiles.sum(-1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
 
         def visible(_b: Any, _h: Any, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
             return (ki <= qi) & (qi < end[ki])
-        n = end.numel()
-        return self._create(visible, None, None, n, n, device=end.device, BLOCK_SIZE=self.block)
+        return self._from_kv_blocks(*ordered(some & ~every), *ordered(every), BLOCK_SIZE=self.block,
+                                    mask_mod=visible, seq_lengths=(n, n))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any) -> torch.Tensor:
         N, H, hd = q.shape

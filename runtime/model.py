@@ -98,17 +98,18 @@ class Model:
         gate, up = linear(x, gate_up, gate_up_s).chunk(2, dim=-1)               # [N, ffn/tp] each
         return h + self._all_reduce(linear(F.silu(gate) * up, down, down_s))
 
-    @torch.inference_mode()
     def warm_up(self, n: int, layer0: dict[str, torch.Tensor]) -> None:
-        """Compile (or fetch from the compile cache) the kernels for batches of n tokens: the
-        attention mask's and one block's, run on a batch of filler tokens with `layer0` as layer 0's
-        weights (placeholders will do: only shapes and dtypes matter, so this can run while the
-        real weights load). The rest of the forward is eager."""
+        """Compile (or fetch from the compile cache) the kernels for batches of n tokens: one
+        block's, run on a batch of filler tokens with `layer0` as layer 0's weights (placeholders
+        will do: only shapes and dtypes matter, so this can run while the real weights load). The
+        rest of the forward is eager. Inputs are made as `logits` makes them (the batch outside
+        inference mode, the rest inside): the compiled code's guards check that too."""
         norm = layer0[names.layer(0, names.ATTN_NORM)]
         b = make_batch(prefix_forest([]), [0], pad_to=n).to(norm.device)
-        cos, sin = (torch.zeros(n, 1, self.c.head_dim // 2, device=norm.device) for _ in "cs")  # [N, 1, hd/2]
-        h = torch.zeros(n, self.c.dim, dtype=norm.dtype, device=norm.device)
-        self.layer(0, h, cos, sin, self.attention.prepare(b), layer0)
+        with torch.inference_mode():
+            cos, sin = (torch.zeros(n, 1, self.c.head_dim // 2, device=norm.device) for _ in "cs")  # [N, 1, hd/2]
+            h = torch.zeros(n, self.c.dim, dtype=norm.dtype, device=norm.device)
+            self.layer(0, h, cos, sin, self.attention.prepare(b), layer0)
 
     @torch.inference_mode()
     def logits(self, b: Batch) -> torch.Tensor:

@@ -69,6 +69,32 @@ def test_block_attention_mask_is_the_forest_rule(block):
     assert seen == [{k for k in range(n) if k <= q < end[k]} for q in range(n)]
 
 
+@pytest.mark.parametrize("tile", [(4, 2), (8, 8), (16, 4), (128, 64)])
+def test_flex_block_mask_equals_torchs_create_block_mask(tile):
+    """FlexAttention.prepare builds the forest's block mask directly; torch's create_block_mask
+    on the same rule gives the same tiles: skipped, masked (some pairs visible) and full (all
+    pairs visible, the mask function skipped), also where the length is not a tile multiple."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    rng = random.Random(tile[0] * 31 + tile[1])
+    seqs = [[rng.randrange(3) for _ in range(rng.randint(1, 20))] for _ in range(30)]
+    seqs.append([rng.randrange(3) for _ in range(260)])   # long: its later tiles see whole key tiles
+    f = prefix_forest(seqs + [s[:rng.randint(1, len(s))] + [7] for s in seqs[-10:]])
+    for extra in (0, 5, 3 * tile[1] + 1):
+        b = make_batch(f, [0], pad_to=len(f) + extra)
+        end = b.end
+        ours = FlexAttention(tile).prepare(b)
+        n = end.numel()
+        torchs = create_block_mask(lambda _b, _h, q, k: (k <= q) & (q < end[k]), None, None, n, n,
+                                   device="cpu", BLOCK_SIZE=tile)
+        for counts, indices in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+            a, b_ = getattr(ours, counts)[0, 0], getattr(torchs, counts)[0, 0]
+            assert torch.equal(a, b_), (counts, extra)
+            for i, c in enumerate(a.tolist()):
+                assert torch.equal(getattr(ours, indices)[0, 0, i, :c].sort().values,
+                                   getattr(torchs, indices)[0, 0, i, :c].sort().values), (indices, i)
+        assert ours.full_kv_num_blocks.sum() > 0 and ours.kv_num_blocks.sum() > 0   # both kinds occur
+
+
 @pytest.mark.parametrize("budget", [1, 8, 20, 64])
 def test_pack_groups_fits_the_budget_and_keeps_groups_whole(budget):
     """Random groups with shared and interleaving starts: each group lands in one batch once,
@@ -100,6 +126,7 @@ def test_sm80_path_pieces_equal_the_sdpa_mask_path(stories):
     path: FlexAttention over a batch padded to a fixed length, a torch.compile'd block, and the
     work around an eager attention call compiled (the V100 path's option). (Inductor's CPU FlexAttention template cannot take our 3-d q/k/v views
     inside a compiled block, so the combination itself runs only on the GPU benchmark.)"""
+    from torch._dynamo.utils import counters
     m, tensors, items = stories
     lay = RankLayout(m.config, 1, 0)
     groups = [it.group() for it in items[:5]]
@@ -108,9 +135,13 @@ def test_sm80_path_pieces_equal_the_sdpa_mask_path(stories):
     padded = prepare(groups, pad_to=ib.tokens + m.config.max_seq_len + 5)
     flex_model = Model(m.config, lay, tensors, None, FlexAttention())
     flex_model.warm_up(len(padded.batch.tokens), tensors)
+    graphs = counters["stats"]["unique_graphs"]
     flex, greedy = flex_model.target_logprobs(*padded[:3])
     assert torch.allclose(flex, ref, atol=1e-4), (flex - ref).abs().max()
     assert torch.equal(greedy, ref_greedy)
+    other = prepare([it.group() for it in items[5:8]], pad_to=len(padded.batch.tokens))
+    flex_model.target_logprobs(*other[:3])
+    assert counters["stats"]["unique_graphs"] == graphs   # another forest's mask: same kernels, no recompile
     for mode in ("block", "around-attention"):   # the sm80+ block, and the one around the V100 path's attention
         compiled, greedy = Model(m.config, lay, tensors, None, BlockAttention(), compile=mode).target_logprobs(*ib[:3])
         assert torch.allclose(compiled, ref, atol=1e-4), (mode, (compiled - ref).abs().max())
