@@ -86,7 +86,9 @@ def test_flex_block_mask_equals_torchs_create_block_mask(tile):
         n = end.numel()
         torchs = create_block_mask(lambda _b, _h, q, k: (k <= q) & (q < end[k]), None, None, n, n,
                                    device="cpu", BLOCK_SIZE=tile)
-        for counts, indices in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+        assert (ours.BLOCK_SIZE, ours.seq_lengths) == (torchs.BLOCK_SIZE, torchs.seq_lengths)
+        for counts, indices in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices"),
+                                ("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
             a, b_ = getattr(ours, counts)[0, 0], getattr(torchs, counts)[0, 0]
             assert torch.equal(a, b_), (counts, extra)
             for i, c in enumerate(a.tolist()):
