@@ -190,20 +190,33 @@ class LlamafuseLM(TemplateLM):
         if not requests:
             return []
         check_requests(requests, names, self.max_length)
-        groups = [Group(i, (r,)) for i, r in enumerate(requests)]
-        settings = Settings(self.batch_tokens, self.attention, label=request_type, unit="request")
+        groups = by_context(requests)
+        settings = Settings(self.batch_tokens, self.attention, label=request_type, unit="context")
         result = launch(score_worker, self.manifest.tp, self.replicas, self.device_type, self.folder,
                         self.manifest, groups, settings)
         self.calls.append(CallStats(request_type, len(requests), result.tokens, hf_tokens(requests),
                                     sum(len(r.inputs) for r in requests), result.load_s, result.compile_s,
                                     result.ready_s, result.eval_s))
-        return [result.scores[i][0] for i in range(len(requests))]
+        return [score for g in groups for score in result.scores[g.key]]
 
     def get_model_info(self) -> dict[str, Any]:
         """Recorded in the harness's results under `config`."""
         m = self.manifest
         return {"model_path": str(self.folder), "model_dtype": m.dtype, "tp": m.tp, "replicas": self.replicas,
                 "device": self.device_type, "batch_tokens": self.batch_tokens}
+
+
+def by_context(requests: list[Request]) -> list[Group]:
+    """Runs of consecutive requests with the same context (a question's choices, a HellaSwag
+    item's endings, as the harness lists them) as one group each, so they share a batch: the
+    batches `llama-run hellaswag` packs for the same items, and the same scores."""
+    groups: list[Group] = []
+    for r in requests:
+        if groups and groups[-1].requests[0].context == r.context:
+            groups[-1] = Group(groups[-1].key, (*groups[-1].requests, r))
+        else:
+            groups.append(Group(len(groups), (r,)))
+    return groups
 
 
 def _pair_texts(context: str, continuation: str) -> tuple[str, ...]:

@@ -290,8 +290,8 @@ def test_registered_as_llamafuse(tm, ours_512, our_runs):
 
 def test_cli_hellaswag_matches_llama_run_hellaswag(ours_sp, work, data_dir):
     """`llama-run lm-eval MODEL --tasks hellaswag` (the real command, in its own process) and
-    `llama-run hellaswag MODEL` give the same scores (40 docs); the harness's result and samples
-    files are written."""
+    `llama-run hellaswag MODEL` run the same batches (the same tokens) and give the same scores
+    (40 docs); the harness's result and samples files are written."""
     out = work / "harness-out"
     p = subprocess.run([sys.executable, "-m", "llamafuse.runtime.cli", "lm-eval", str(ours_sp), "--include-path",
                         str(TASKS), "--tasks", "hellaswag_local", "--limit", str(N), "--device", "cpu",
@@ -308,6 +308,7 @@ def test_cli_hellaswag_matches_llama_run_hellaswag(ours_sp, work, data_dir):
     assert q.exit_code == 0, q.output
     ours = json.loads(q.stdout)
     assert ours["n"] == N
+    assert f"loglikelihood: 160 requests, {ours['timing']['tokens']:,} tokens run" in p.stdout
     for k in ("acc", "acc_norm"):
         assert harness[f"{k},none"] == pytest.approx(ours[k], abs=1e-12), k
         assert harness[f"{k}_stderr,none"] == pytest.approx(ours[f"{k}_stderr"], abs=1e-12), k
