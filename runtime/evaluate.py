@@ -23,7 +23,7 @@ from llamafuse.formats import LlamafuseError, Manifest
 from .load import check_device, load_rank, new_model, placeholder_layer
 from .model import Model
 from .packing import Batch, make_batch, pack_groups, prefix_forest, to_device
-from .parallel import Context, first_error
+from .parallel import Context, together
 
 
 @dataclass(frozen=True)
@@ -199,14 +199,7 @@ def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)
             compile_s = time.perf_counter() - t1
-        error = None
-        try:
-            model.w, load_s = loading.result()
-        except LlamafuseError as e:   # every rank compiled (its collectives matched); now all fail together
-            error, load_s = str(e), 0.0
-    error = first_error(ctx, error)
-    if error:
-        raise LlamafuseError(error)
+        model.w, load_s = together(ctx, loading.result)   # after every rank compiled: collectives matched
     return model, load_s, compile_s, time.perf_counter() - t0
 
 
@@ -271,7 +264,8 @@ def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Sett
         return None
     return RunResult({k: v for g in gathered for k, v in g.scores.items()},
                      max(g.load_s for g in gathered), max(g.compile_s for g in gathered),
-                     max(g.ready_s for g in gathered), max(g.eval_s for g in gathered), sum(g.tokens for g in gathered), ctx.replicas, str(ctx.device))
+                     max(g.ready_s for g in gathered), max(g.eval_s for g in gathered),
+                     sum(g.tokens for g in gathered), ctx.replicas, str(ctx.device))
 
 
 def _split(groups: Sequence[Group], flat: list[list[float]]) -> list[list[Score]]:

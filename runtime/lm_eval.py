@@ -113,7 +113,7 @@ class LlamafuseLM(TemplateLM):
         if add_special_tokens is None:
             add_special_tokens = not self._starts_with_prefix(string)
         ids = self._encode(string)
-        return [self.bos, *ids] if add_special_tokens and self.bos is not None else list(ids)
+        return [self.bos, *ids] if add_special_tokens and self.bos is not None else ids
 
     def _encode(self, string: str) -> list[int]:
         ids = self._encoded.get(string)

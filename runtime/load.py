@@ -15,7 +15,7 @@ from llamafuse.formats.tensorfile import MappedFile, TensorInfo, read_header
 from .attention import choose_attention
 from .fp8 import check_fp8_device
 from .model import Model
-from .parallel import Context, first_error
+from .parallel import Context, together
 
 CHUNK = 64 << 20
 ALIGN = 16  # GEMM kernels want 16-byte aligned operands; a tensor that is not gets its own copy
@@ -99,15 +99,7 @@ def _copy_file_to_device(path: Path, device: torch.device, threads: int) -> torc
 
 def load_weights(ctx: Context, folder: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
     """This rank's tensors on its device (`load_rank`); all ranks fail together."""
-    error = tensors = None
-    try:
-        tensors = load_rank(folder, manifest, ctx.tp_rank, ctx.device)
-    except LlamafuseError as e:
-        error = str(e)
-    error = first_error(ctx, error)
-    if error:
-        raise LlamafuseError(error)
-    return tensors
+    return together(ctx, lambda: load_rank(folder, manifest, ctx.tp_rank, ctx.device))
 
 
 def check_device(ctx: Context, manifest: Manifest) -> None:

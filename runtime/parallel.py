@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing import resource_tracker
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,8 @@ from torch.multiprocessing.spawn import ProcessContext, ProcessException
 
 from llamafuse.formats import LlamafuseError
 from llamafuse.formats.interrupts import STOP_SIGNALS, Interrupted, interrupts, on_stop_signals
+
+T = TypeVar("T")
 
 # Never let NCCL/PyTorch use NVLink multicast (it can take a shared host's GPUs down).
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -79,13 +81,21 @@ def _make_context(rank: int, world: int, tp: int, device_type: str, local_rank: 
     return Context(rank, world, tp, device, tp_group, rank % tp, rank // tp, world // tp)
 
 
-def first_error(ctx: Context, error: str | None) -> str | None:
-    """The lowest rank's error message, on every rank (so one rank's failure stops all, no hang)."""
-    if ctx.world == 1:
-        return error
-    errors: list[str | None] = [None] * ctx.world
-    dist.all_gather_object(errors, error)
-    return next((e for e in errors if e is not None), None)
+def together(ctx: Context, fn: Callable[[], T]) -> T:
+    """fn() on every rank; a LlamafuseError on any rank raises the lowest rank's message on all of
+    them (so one rank's failure stops all, no hang)."""
+    error = result = None
+    try:
+        result = fn()
+    except LlamafuseError as e:
+        error = str(e)
+    if ctx.world > 1:
+        errors: list[str | None] = [None] * ctx.world
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error:
+        raise LlamafuseError(error)
+    return result
 
 
 # ---------------------------------------------------------------- inside a spawned rank
