@@ -185,9 +185,9 @@ def test_out_of_memory_is_one_clear_error(stories):
 
 def test_warm_up_runs_a_filler_batch_on_placeholders(stories):
     """warm_up (what the compile phase runs while the weights load) takes a batch of filler tokens
-    of the requested length through one block on placeholder weights, in every compile mode (on the
-    CPU the compiled modes run through inductor's CPU backend), and the model then scores with its
-    real weights set afterwards, without compiling again."""
+    of the requested length through one block on placeholder weights, eager and with the work around
+    attention compiled (inductor's CPU backend; FlexAttention's compiled kernel: the slow test
+    above), and the model then scores with its real weights set afterwards, without compiling again."""
     from llamafuse.runtime.load import placeholder_layer
     m, tensors, items = stories
     placeholders = placeholder_layer(m, torch.device("cpu"))
