@@ -6,6 +6,7 @@ the tokens of its own sequence so far, and shared prefixes are computed once.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -35,6 +36,16 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).type_as(x)
 
 
+def compile_in_process() -> None:
+    """Have inductor compile kernels in this process rather than in a pool of worker processes
+    (unless TORCHINDUCTOR_COMPILE_THREADS says otherwise). The block has a handful of kernels;
+    on a fresh machine the pool's start (each worker importing torch and triton) held the first
+    graph up for ~50 s (run 11's profile), and where the cache is warm a pool is not needed."""
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        import torch._inductor.config
+        torch._inductor.config.compile_threads = 1
+
+
 class Model:
     """One rank's share of the model; `group` is its tensor-parallel process group (or None).
     `tensors` (the rank file's, by name) may be set as `.w` after compiling (see `warm_up`)."""
@@ -47,6 +58,8 @@ class Model:
         self.c, self.lay, self.w, self.group = config, lay, tensors, group
         self.attention = attention or BlockAttention()
         self.compiles = compile is not None
+        if self.compiles:
+            compile_in_process()
         if compile == "block":  # fuses norms, rotary, SiLU and residual adds; one graph serves all layers
             self._block = torch.compile(self._block, dynamic=False)
         elif compile == "around-attention":

@@ -1,12 +1,15 @@
 """Where the first batch's compile time goes, on a fresh machine (empty compile cache) and again.
 
-    python3 scripts/bench_compile.py --out DIR [--dtype float16] [--batch-tokens 16384] [--runs cold,warm]
+    python3 scripts/bench_compile.py --out DIR [--dtype float16] [--batch-tokens 16384] [--runs cold,warm] [--no-profile]
 
 Each run is a fresh process on one layer of a LLaMA-30B-shaped model with random weights (the
 block graph is the same for every layer): seconds to import the compile stack, to build the
 FlexAttention mask for a batch and to compile the block (`Model.warm_up`), the
-compile stack's own phase times, and the calls that took the most time (cProfile, this thread).
-Caches live under DIR/cache (cold: emptied first). Writes DIR/compile.json.
+compile stack's own phase times, and the calls that took the most time (cProfile, this thread;
+--no-profile leaves it out, as it slows Python-heavy work such as compiling in this process).
+Kernels compile where the runtime has them compile (`model.compile_in_process`) unless
+TORCHINDUCTOR_COMPILE_THREADS is set. Caches live under DIR/cache (cold: emptied first). Writes
+DIR/compile.json.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ def child(args: argparse.Namespace) -> dict:
     import torch
     out: dict = {"import_torch_s": time.perf_counter() - T0}
     prof = cProfile.Profile()
-    prof.enable()
+    if args.profile:
+        prof.enable()
     t = time.perf_counter()
     from llamafuse.formats import RankLayout
     from llamafuse.runtime.attention import choose_attention
@@ -58,13 +62,16 @@ def child(args: argparse.Namespace) -> dict:
     model.warm_up(args.batch_tokens, wts)   # what a run does while its weights load
     torch.cuda.synchronize()
     out["block_s"] = time.perf_counter() - t
-    prof.disable()
-    s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(45)
-    out["profile_cumulative"] = s.getvalue().splitlines()[-60:]
-    s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
-    out["profile_tottime"] = s.getvalue().splitlines()[-35:]
+    if args.profile:
+        prof.disable()
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(45)
+        out["profile_cumulative"] = s.getvalue().splitlines()[-60:]
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+        out["profile_tottime"] = s.getvalue().splitlines()[-35:]
+    import torch._inductor.config
+    out["compile_threads"] = torch._inductor.config.compile_threads
     from torch._dynamo.utils import compile_times
     out["compile_times"] = compile_times(repr="str").splitlines()
     out["total_s"] = time.perf_counter() - T0
@@ -77,6 +84,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16", choices=["float16", "float8"])
     ap.add_argument("--batch-tokens", type=int, default=16384)
     ap.add_argument("--runs", default="cold,warm")
+    ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -85,13 +93,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / "cache"
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
-    report: dict = {"dtype": args.dtype, "batch_tokens": args.batch_tokens}
+    report: dict = {"dtype": args.dtype, "batch_tokens": args.batch_tokens, "profile": args.profile,
+                    "TORCHINDUCTOR_COMPILE_THREADS": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")}
     for run in args.runs.split(","):
         if run == "cold":
             shutil.rmtree(cache, ignore_errors=True)
         t0 = time.perf_counter()
         p = subprocess.run([sys.executable, __file__, "--child", "--out", str(args.out), "--dtype", args.dtype,
-                            "--batch-tokens", str(args.batch_tokens)], env=env, capture_output=True, text=True)
+                            "--batch-tokens", str(args.batch_tokens), *([] if args.profile else ["--no-profile"])], env=env, capture_output=True, text=True)
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         report[run] = json.loads(line[-1][7:]) if line else {"error": p.stderr[-3000:]}
         report[run]["process_s"] = time.perf_counter() - t0

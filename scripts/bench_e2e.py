@@ -2,10 +2,12 @@
 in a fresh process with an empty compile cache (cold) and again with the cache it left (warm).
 
     python3 scripts/bench_e2e.py --data DATA.jsonl.gz --tokenizer tokenizer.model --out DIR \
-        [--dtype float16|float8] [--layers 60] [--tp 1] [--replicas N] [--runs cold,warm] [--folder DIR]
+        [--dtype float16|float8] [--layers 60] [--max-seq-len 2048] [--tp 1] [--replicas N] [--runs cold,warm] [--folder DIR]
 
 Weights are random (matrices ~ N(0, 1/fan_in)), drawn on the GPU and written by llama-convert's
-writer (hashes, manifest and all). Each run's results.json timing (wall time from process start
+writer (hashes, manifest and all), unless --folder already holds a converted model. A cold run
+empties the compile cache (beside the folder) first; a warm one uses what the last run left;
+`--runs ""` only converts. Each run's results.json timing (wall time from process start
 and its parts) and the wall time seen from outside go to DIR/e2e.json.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -76,6 +79,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--layers", type=int, default=60)
+    ap.add_argument("--max-seq-len", type=int, default=2048, help="rotary table positions (lm-eval's MMLU: 4096)")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks to convert for")
     ap.add_argument("--replicas", type=int, default=None, help="llama-run --replicas [default: all GPUs / tp]")
     ap.add_argument("--runs", default="cold,warm")
@@ -86,7 +90,7 @@ def main() -> None:
                     "layers": args.layers, "tp": args.tp, "replicas": args.replicas, "pycache_prefix": os.environ.get("PYTHONPYCACHEPREFIX")}
     save = lambda: (args.out / "e2e.json").write_text(json.dumps(report, indent=2))  # noqa: E731
     if not (args.folder / "manifest.json").is_file():
-        c = ModelConfig(**{**LLAMA_30B, "n_layers": args.layers})
+        c = ModelConfig(**{**LLAMA_30B, "n_layers": args.layers, "max_seq_len": args.max_seq_len})
         t0 = time.perf_counter()
         convert(RandomSource(c, args.tokenizer), args.folder, args.tp, args.dtype, progress=False)
         report["convert_s"] = time.perf_counter() - t0
@@ -94,8 +98,10 @@ def main() -> None:
         save()
     torch.cuda.empty_cache()
     cache = args.folder.parent / "compile-cache"
-    for name in args.runs.split(","):
-        report[name] = run_cli(args.folder, args, cache, name)   # cold first: the cache starts empty
+    for name in filter(None, args.runs.split(",")):
+        if name == "cold":
+            shutil.rmtree(cache, ignore_errors=True)
+        report[name] = run_cli(args.folder, args, cache, name)
         save()
     sys.exit(0)
 

@@ -9,7 +9,7 @@ import torch
 
 from llamafuse.convert.sources import open_source
 from llamafuse.convert.write import convert
-from llamafuse.formats import RankLayout, load_manifest
+from llamafuse.formats import ModelConfig, RankLayout, load_manifest
 from llamafuse.runtime import hellaswag
 from llamafuse.formats.tokenizer import read_tokenizer
 from llamafuse.runtime.attention import BlockAttention, FlexAttention, choose_attention
@@ -214,3 +214,22 @@ def test_attention_choice_on_gpus(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, cap=cap: cap)
         attn, compile = choose_attention(torch.device("cuda", 0), 128)
         assert isinstance(attn, backend) and compile == mode
+
+
+def test_a_compiling_model_compiles_in_this_process(monkeypatch):
+    """A model that compiles sets inductor to compile its kernels in this process (no pool of
+    worker processes to start), unless TORCHINDUCTOR_COMPILE_THREADS names a number; an eager
+    model leaves the setting alone."""
+    import torch._inductor.config as inductor
+    c = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=4, head_dim=16, ffn_dim=128, vocab_size=32,
+                    norm_eps=1e-5, rope_theta=10000.0, max_seq_len=64)
+    lay = RankLayout(c, 1, 0)
+    monkeypatch.setattr(inductor, "compile_threads", 8)
+    Model(c, lay, {}, None, BlockAttention())
+    assert inductor.compile_threads == 8
+    Model(c, lay, {}, None, BlockAttention(), compile="around-attention")
+    assert inductor.compile_threads == 1
+    monkeypatch.setattr(inductor, "compile_threads", 8)
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "8")
+    Model(c, lay, {}, None, BlockAttention(), compile="block")
+    assert inductor.compile_threads == 8
