@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
@@ -23,7 +22,7 @@ from llamafuse.formats import LlamafuseError, Manifest
 from .load import check_device, load_rank, new_model, placeholder_layer
 from .model import Model
 from .packing import Batch, make_batch, pack_groups, prefix_forest, to_device
-from .parallel import Context, together
+from .parallel import Context, device_threads, together
 
 
 @dataclass(frozen=True)
@@ -163,7 +162,7 @@ def score_worker(ctx: Context, folder: Path, manifest: Manifest, groups: list[Gr
     bar = tqdm(total=len(groups), unit=settings.unit, dynamic_ncols=True, mininterval=1.0, delay=2.0,
                disable=not (settings.progress and ctx.is_main), desc=f"{title}: loading weights")
     try:
-        with ThreadPoolExecutor(1) as pool:
+        with device_threads(ctx.device) as pool:
             ready = pool.submit(_ready_model, ctx, folder, manifest, settings, bar, title)
             batches = pack_groups([[r.inputs for r in g.requests] for g in groups], settings.batch_tokens)
             model, *times = ready.result()
@@ -187,7 +186,7 @@ def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
             torch.cuda.synchronize(ctx.device)
         return tensors, time.perf_counter() - t0
 
-    with ThreadPoolExecutor(1) as pool:
+    with device_threads(ctx.device) as pool:
         loading = pool.submit(load)
         model = new_model(ctx, manifest, settings.attention)
         compile_s = 0.0

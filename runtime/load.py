@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ from llamafuse.formats.tensorfile import MappedFile, TensorInfo, read_header
 from .attention import choose_attention
 from .fp8 import check_fp8_device
 from .model import Model
-from .parallel import Context, together
+from .parallel import Context, device_threads, together
 
 CHUNK = 64 << 20
 ALIGN = 16  # GEMM kernels want 16-byte aligned operands; a tensor that is not gets its own copy
@@ -89,7 +88,7 @@ def _copy_file_to_device(path: Path, device: torch.device, threads: int) -> torc
         local.events[k] = ev
 
     try:
-        with ThreadPoolExecutor(threads) as pool:
+        with device_threads(device, threads) as pool:
             list(pool.map(work, chunks))
         torch.cuda.synchronize(device)
     finally:

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -79,6 +80,15 @@ def _make_context(rank: int, world: int, tp: int, device_type: str, local_rank: 
         groups = [dist.new_group(list(range(r * tp, (r + 1) * tp))) for r in range(world // tp)]
         tp_group = groups[rank // tp]
     return Context(rank, world, tp, device, tp_group, rank % tp, rank // tp, world // tp)
+
+
+def device_threads(device: torch.device, workers: int = 1) -> ThreadPoolExecutor:
+    """Worker threads that run on `device`. CUDA's current device is per thread and a new thread
+    starts on cuda:0, where a collective (NCCL places its buffers there), a pinned buffer or a
+    kernel launch would otherwise land: every thread of a rank is started here."""
+    if device.type != "cuda":
+        return ThreadPoolExecutor(workers)
+    return ThreadPoolExecutor(workers, initializer=torch.cuda.set_device, initargs=(device,))
 
 
 def together(ctx: Context, fn: Callable[[], T]) -> T:

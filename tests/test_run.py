@@ -314,6 +314,29 @@ def test_under_torchrun_matches_tp1(work, big_outs, big_runs):
 # ---------------------------------------------------------------- 5: output files
 
 
+def test_rank_threads_run_on_the_rank_device(monkeypatch):
+    """CUDA's current device is per thread and a new thread starts on cuda:0: the workers of
+    `device_threads` set the rank's device before any task (run 14: a rank's collective from a
+    thread on cuda:0 hung tp 2 and replicas on two GPUs), and no other runtime module starts a
+    thread any other way."""
+    import ast
+    import threading
+    import time as _time
+
+    from llamafuse.runtime import parallel
+    calls: dict[int, list] = {}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault(threading.get_ident(), []).append(d))
+    with parallel.device_threads(torch.device("cuda", 1), 2) as pool:
+        seen = list(pool.map(lambda _: (_time.sleep(0.02), list(calls.get(threading.get_ident(), [])))[1], range(6)))
+    assert len(calls) == 2 and all(devices[:1] == [torch.device("cuda", 1)] for devices in seen)
+    with parallel.device_threads(torch.device("cpu")) as pool:
+        pool.submit(lambda: None).result()
+    assert len(calls) == 2
+    for f in Path(parallel.__file__).parent.glob("*.py"):
+        used = {getattr(n, "id", getattr(n, "attr", None)) for n in ast.walk(ast.parse(f.read_text()))}
+        assert f.name == "parallel.py" or not used & {"ThreadPoolExecutor", "Thread"}, f"{f.name} starts threads"
+
+
 def test_results_and_samples_fields(stories_runs, stories_docs, stories_sp, stories_out):
     run = stories_runs[True]
     r = run["results"]
