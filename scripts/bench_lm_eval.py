@@ -2,12 +2,12 @@
 harness's own hf backend on the same GPU.
 
     python3 scripts/bench_lm_eval.py --tokenizer tokenizer.model --mmlu-data DIR --out DIR \
-        [--parts llamafuse,hf] [--tasks mmlu,hellaswag] [--layers 60] [--hf-limits 1,3] [--device cuda] [--shape JSON]
+        [--parts llamafuse,hf] [--tasks mmlu,hellaswag] [--layers 60] [--hf-limits 1,3] [--hf-batch-size 64] [--device cuda] [--shape JSON]
 
 Converts a random model as `bench_e2e.py` does (into --folder, kept for the next call), with
 rotary tables for --max-seq-len positions (4096: every MMLU 5-shot prompt fits, so neither backend
 cuts one), then per task: `llama-run lm-eval` on the whole task (the command's seconds and the
-engine's own line), and the harness's hf backend (HFLM, fp16, batch 64) on a LlamaForCausalLM of
+engine's own line), and the harness's hf backend (HFLM, fp16, --hf-batch-size) on a LlamaForCausalLM of
 the same shape, built with random weights on the device, at two --limit sizes: the full task's
 seconds are extrapolated from the marginal seconds per document (`bench_real_model.extrapolate`).
 MMLU is the harness's 57 subject configs over local files (`count_tokens.write_configs`),
@@ -80,7 +80,7 @@ def hf_child(args: argparse.Namespace) -> None:
     with torch.device(args.device):
         model = LlamaForCausalLM(config).eval()
     tok = AutoTokenizer.from_pretrained(args.out / "hf-tokenizer")
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=64, max_length=c["max_seq_len"])
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.hf_batch_size, max_length=c["max_seq_len"])
     names, shots = TASKS[args.hf_child]
     t0 = time.perf_counter()
     simple_evaluate(model=lm, tasks=names, num_fewshot=shots, limit=args.hf_limit,
@@ -102,7 +102,7 @@ def run_hf(task: str, include: Path, args: argparse.Namespace) -> dict:
                             str(include if task == "mmlu" else Path("tests/tasks")), "--out", str(args.out),
                             "--layers", str(args.layers), "--max-seq-len", str(args.max_seq_len), "--shape", args.shape,
                             "--tokenizer", str(args.tokenizer), "--mmlu-data", str(args.mmlu_data),
-                            "--device", args.device], capture_output=True, text=True)
+                            "--device", args.device, "--hf-batch-size", args.hf_batch_size], capture_output=True, text=True)
         (args.out / f"hf-{task}-{n}.txt").write_text(p.stdout + p.stderr)
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if not line:
@@ -123,6 +123,7 @@ def main() -> None:
     ap.add_argument("--shape", default="{}", help="JSON of ModelConfig fields replacing LLaMA-30B's (e.g. a small one)")
     ap.add_argument("--hf-limits", type=lambda v: [int(x) for x in v.split(",")], default=[1, 3],
                     help="two sample sizes for the hf backend: MMLU questions per subject (HellaSwag: 20x)")
+    ap.add_argument("--hf-batch-size", default="64", help="HFLM batch_size: a number or auto (30B-shape MMLU: 64 and 16 run out of memory)")
     ap.add_argument("--folder", type=Path, default=Path("/dev/shm/llamafuse-lm-eval/model"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--hf-child", help=argparse.SUPPRESS)
