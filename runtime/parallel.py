@@ -137,9 +137,8 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}{': ' + lines[0] if lines else ''}{at}"
 
 
-def _entry(rank: int, world: int, tp: int, device_type: str, port: int, reports: str, parent: int,
-           worker: Callable[..., Any], args: tuple) -> None:
-    """One spawned rank: run the worker, leave a report (kind, payload) for the parent, exit."""
+def _entry(rank: int, world: int, tp: int, device_type: str, port: int, reports: str, parent: int) -> None:
+    """One spawned rank: run the job's worker, leave a report (kind, payload) for the parent, exit."""
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_DFL)    # Ctrl-C ends a rank silently; the parent reports
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held back while starting, see _held_back
@@ -151,6 +150,9 @@ def _entry(rank: int, world: int, tp: int, device_type: str, port: int, reports:
     if device_type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
+        job = Path(reports) / f"job-{rank}"
+        worker, args = pickle.loads(job.read_bytes())
+        job.unlink()
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                                 rank=rank, world_size=world, timeout=timedelta(minutes=30))
         result = worker(_make_context(rank, world, tp, device_type, rank), *args)
@@ -241,11 +243,18 @@ def _spawn_log_quiet() -> Iterator[None]:
 
 
 def _spawn(worker: Callable[..., Any], world: int, tp: int, device_type: str, args: tuple) -> Any:
+    """Each rank reads the job (worker and args: the data, megabytes) from its own link to one file
+    in the reports folder, and removes it. Passed as process arguments the job would go down each
+    rank's start pipe, and the parent would wait on every rank in turn to import its modules
+    before it could start the next."""
     with tempfile.TemporaryDirectory(prefix="llamafuse-ranks-") as folder, _spawn_log_quiet():
         reports, caught, pc = Path(folder), [], None
+        (reports / "job-0").write_bytes(pickle.dumps((worker, args), protocol=pickle.HIGHEST_PROTOCOL))
+        for r in range(1, world):
+            os.link(reports / "job-0", reports / f"job-{r}")
         try:
             with _held_back(caught):
-                pc = mp.start_processes(_entry, (world, tp, device_type, _free_port(), folder, os.getpid(), worker, args),
+                pc = mp.start_processes(_entry, (world, tp, device_type, _free_port(), folder, os.getpid()),
                                         nprocs=world, join=False, start_method="spawn")
             if caught:
                 raise Interrupted(caught[0])

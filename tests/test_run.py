@@ -337,6 +337,26 @@ def test_rank_threads_run_on_the_rank_device(monkeypatch):
         assert f.name == "parallel.py" or not used & {"ThreadPoolExecutor", "Thread"}, f"{f.name} starts threads"
 
 
+def test_spawned_ranks_read_the_job_from_a_file(monkeypatch):
+    """What goes down each spawned rank's start pipe stays small whatever the job's size (the
+    parent would otherwise wait on each rank in turn to import its modules before starting the
+    next); every rank gets the whole job."""
+    import pickle
+
+    from llamafuse.runtime import parallel
+    from spawn_worker import data_seen
+    sizes: list[int] = []
+    start = parallel.mp.start_processes
+
+    def recording(fn, args, **kwargs):
+        sizes.append(len(pickle.dumps(args)))
+        return start(fn, args, **kwargs)
+    monkeypatch.setattr(parallel.mp, "start_processes", recording)
+    data = list(range(200_000))
+    assert parallel.launch(data_seen, 2, 1, "cpu", data) == [(0, len(data), sum(data)), (1, len(data), sum(data))]
+    assert len(sizes) == 1 and sizes[0] < 1000, sizes
+
+
 def test_results_and_samples_fields(stories_runs, stories_docs, stories_sp, stories_out):
     run = stories_runs[True]
     r = run["results"]
