@@ -33,12 +33,13 @@ LLAMA_30B = dict(dim=6656, n_layers=60, n_heads=52, n_kv_heads=52, head_dim=128,
 
 
 class RandomSource:
-    """A converter Source of random weights in Meta's logical names, drawn on the GPU."""
+    """A converter Source of random weights in Meta's logical names, drawn on the GPU if there is one."""
     layout, rotary, path = "random", "rotate-half", Path("/dev/null")
 
     def __init__(self, c: ModelConfig, tokenizer: Path):
         self.config, self._tok = c, tokenizer
-        self._g = torch.Generator(device="cuda").manual_seed(0)
+        self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._g = torch.Generator(device=self._device).manual_seed(0)
 
     def tokenizer_file(self, override: Path | None = None):
         return read_tokenizer_file(self._tok, None)
@@ -46,9 +47,9 @@ class RandomSource:
     def tensor(self, name: str) -> torch.Tensor:
         shape, part = logical_shapes(self.config)[name], name.split(".")[-1]
         if len(shape) == 1:
-            t = 1 + 0.1 * torch.randn(shape, generator=self._g, device="cuda")
+            t = 1 + 0.1 * torch.randn(shape, generator=self._g, device=self._device)
         else:
-            t = torch.randn(shape, generator=self._g, device="cuda") * (1.0 if part == "embed" else shape[1] ** -0.5)
+            t = torch.randn(shape, generator=self._g, device=self._device) * (1.0 if part == "embed" else shape[1] ** -0.5)
         return t.half().cpu()
 
 
