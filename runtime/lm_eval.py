@@ -11,9 +11,11 @@ Absolute imports only: `lm_eval` here is the harness, never this module.
 """
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -285,15 +287,30 @@ def prepare(model: Path, tasks: str, include_path: tuple[Path, ...], device: str
     return Job(lm, tm, top)
 
 
+@contextmanager
+def compiled_templates() -> Iterator[None]:
+    """Within: the harness compiles each Jinja prompt template once, not once for every document it
+    renders (`lm_eval.utils.apply_template`; the harness's issue #1286). Same environment, same
+    renders; MMLU 5-shot's time outside scoring on a 2-core CPU: 137.5 s -> 64.0 s."""
+    apply = harness_utils.apply_template
+    compile_once = functools.lru_cache(maxsize=None)(harness_utils.env.from_string)
+    harness_utils.apply_template = lambda template, doc: compile_once(template).render(**doc)
+    try:
+        yield
+    finally:
+        harness_utils.apply_template = apply
+
+
 def run(job: Job, num_fewshot: int | None, limit: int | None, log_samples: bool,
         output_path: Path | None) -> dict:
     """The harness's evaluator with our model; its result files under `output_path` as its CLI
     writes them. Returns the harness's results (samples removed)."""
     tracker = EvaluationTracker(output_path=str(output_path)) if output_path else None
     lm = job.lm
-    results = simple_evaluate(model=lm, model_args={"pretrained": str(lm.folder), **lm.get_model_info()},
-                              tasks=job.tasks, num_fewshot=num_fewshot, limit=limit, log_samples=log_samples,
-                              evaluation_tracker=tracker, task_manager=job.task_manager)
+    with compiled_templates():
+        results = simple_evaluate(model=lm, model_args={"pretrained": str(lm.folder), **lm.get_model_info()},
+                                  tasks=job.tasks, num_fewshot=num_fewshot, limit=limit, log_samples=log_samples,
+                                  evaluation_tracker=tracker, task_manager=job.task_manager)
     samples = results.pop("samples", None) if log_samples else None
     if tracker is not None:
         tracker.save_results_aggregated(results=results, samples=samples)

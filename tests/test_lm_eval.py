@@ -285,6 +285,30 @@ def test_registered_as_llamafuse(tm, ours_512, our_runs):
     assert_same_requests(r, ten, SAME_TOL)
 
 
+def test_prompt_templates_compiled_once(tm, monkeypatch):
+    """Within `compiled_templates` (around `llama-run lm-eval`'s evaluation) the harness compiles
+    each distinct prompt template once instead of once for every document it renders, and builds
+    the very same requests (MMLU 5-shot, 20 questions)."""
+    from lm_eval import utils
+    compiled: list[str] = []
+    from_string = utils.env.from_string
+    monkeypatch.setattr(utils.env, "from_string", lambda source: (compiled.append(source), from_string(source))[1])
+    name = "mmlu_local_world_religions"
+
+    def requests() -> list[tuple]:
+        task = tm.load([name])["tasks"][name]
+        task.set_config(key="num_fewshot", value=5)
+        task.build_all_requests(limit=N // 2)
+        return [i.args for i in task.instances]
+    before, original = requests(), utils.apply_template
+    per_document = len(compiled)
+    compiled.clear()
+    with backend.compiled_templates():
+        assert requests() == before
+    assert len(compiled) == len(set(compiled)) and per_document > 10 * len(compiled), (per_document, len(compiled))
+    assert utils.apply_template is original   # restored on the way out
+
+
 # ---------------------------------------------------------------- llama-run lm-eval
 
 
