@@ -96,11 +96,6 @@ def _copy_file_to_device(path: Path, device: torch.device, threads: int) -> torc
     return dev
 
 
-def load_weights(ctx: Context, folder: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
-    """This rank's tensors on its device (`load_rank`); all ranks fail together."""
-    return together(ctx, lambda: load_rank(folder, manifest, ctx.tp_rank, ctx.device))
-
-
 def check_device(ctx: Context, manifest: Manifest) -> None:
     """What this rank's device must support for the model (float8: FP8 matrix units), checked
     before any work."""
@@ -130,5 +125,5 @@ def open_model(ctx: Context, folder: Path, manifest: Manifest, attention: str = 
     """Load this rank's file onto its device and build the model; all ranks fail together."""
     check_device(ctx, manifest)
     model = new_model(ctx, manifest, attention)
-    model.w = load_weights(ctx, folder, manifest)
+    model.w = together(ctx, lambda: load_rank(folder, manifest, ctx.tp_rank, ctx.device))
     return model

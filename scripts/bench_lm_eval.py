@@ -28,10 +28,9 @@ SCRIPTS = Path(__file__).parent
 sys.path.insert(0, str(SCRIPTS))
 
 from bench_e2e import LLAMA_30B  # noqa: E402
-from bench_real_model import FULL, extrapolate  # noqa: E402
+from bench_real_model import FULL, LIMIT_SCALE, extrapolate  # noqa: E402
 
 TASKS = {"mmlu": (["count_mmlu_tasks"], 5), "hellaswag": (["hellaswag_local"], None)}
-LIMIT_SCALE = {"mmlu": 1, "hellaswag": 20}   # --hf-limits are MMLU questions per subject; HellaSwag items: 20x
 
 
 def shape(args: argparse.Namespace) -> dict:

@@ -44,6 +44,7 @@ def decisions(a: dict[int, dict], b: dict[int, dict]) -> dict:
 
 
 FULL = {"mmlu": (14042, 57), "hellaswag": (10042, 1)}   # (documents, tasks the limit applies to)
+LIMIT_SCALE = {"mmlu": 1, "hellaswag": 20}   # a sample size is MMLU questions per subject; HellaSwag items: 20x
 
 
 def extrapolate(walls: dict[int, float], full: tuple[int, int]) -> dict:
@@ -122,8 +123,8 @@ def main() -> None:
             harness = [a.replace("--include-path", "--include_path").replace("--num-fewshot", "--num_fewshot")
                        for a in targs]
             walls = {}
-            for limit in args.hf_limits:   # per MMLU subject (57 of them); HellaSwag items: 20x
-                n = limit * (20 if task == "hellaswag" else 1)
+            for limit in args.hf_limits:
+                n = limit * LIMIT_SCALE[task]
                 rc, walls[n] = sh([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
                                    f"pretrained={hf},dtype=float16", *harness, "--device", "cuda",
                                    "--batch_size", "64", "--limit", str(n)], log)
