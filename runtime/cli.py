@@ -7,7 +7,8 @@ import time
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, replace
+from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +25,7 @@ from . import hellaswag
 from .attention import ATTENTION_CHOICES
 from .evaluate import Group, RunResult, Settings, check_requests, score_worker
 from .options import bos_id, model_tokenizer, resolve_device, resolve_replicas
-from .parallel import launch, launched_rank
+from .parallel import Ranks, launch, launched_rank, start
 from .samples import SampleWriter, SamplesFile
 from .validate import TOLERANCE, compare, logits_worker
 
@@ -126,16 +127,27 @@ def main() -> None:
 
 @dataclass(frozen=True)
 class HellaswagJob:
-    """A checked HellaSwag run, before anything is written."""
+    """A checked HellaSwag run, before anything is written or tokenized."""
     folder: Path
     manifest: Manifest
     device: str
     replicas: int
-    items: list[hellaswag.Item]
-    groups: list[Group]       # what to score: one group of four requests per item
+    docs: list[dict]          # validated rows
+    bos: int | None           # the BOS token put first, if any
     settings: Settings
     data: str                 # --data as given, or the hub id
     run: dict[str, Any]       # what defines the run, recorded in the samples file
+
+
+@dataclass(frozen=True)
+class HellaswagRun:
+    """What a run produced: every item's log-likelihoods and how the time went."""
+    items: list[hellaswag.Item]
+    lls: dict[int, list[float]]   # doc id -> one log-likelihood per ending
+    result: RunResult             # zeros where nothing was left to score
+    startup_s: float              # process start until the ranks were started
+    data_s: float                 # reading the items' tokens (while spawned ranks start)
+    resumed: int                  # items taken from --samples
 
 
 @main.command("hellaswag")
@@ -169,12 +181,10 @@ def hellaswag_cmd(model: Path, data: str | None, limit: int | None, bos: bool | 
         if output is not None and samples is not None and output.resolve() == samples.resolve():
             raise LlamafuseError(f"--output and --samples are the same file ({output})")
     job = _hellaswag_job(model, data, limit, bos, device, batch_tokens, replicas, attention)
-    if samples is None or not owner:
-        result, resumed = _hellaswag_run(job, samples, {}), 0
-    else:
-        with SamplesFile(samples, job.run, job.items, resume) as log:
-            result, resumed = _hellaswag_run(job, samples, log.done), len(log.done)
-    _hellaswag_report(job, result, resumed, output, as_json)
+    m = job.manifest
+    with start(score_worker, m.tp, job.replicas, job.device, job.folder, m, job.settings) as ranks:
+        run = _hellaswag_run(job, ranks, samples if owner else None, resume)
+    _hellaswag_report(job, run, output, as_json)
 
 
 def _hellaswag_job(model: Path, data: str | None, limit: int | None, bos: bool | None, device: str | None,
@@ -183,48 +193,49 @@ def _hellaswag_job(model: Path, data: str | None, limit: int | None, bos: bool |
     dev = resolve_device(device)
     n_rep = resolve_replicas(dev, m.tp, replicas)
     bos_token = bos_id(m, bos)
-    items = hellaswag.build_items(hellaswag.load_docs(data, limit), model_tokenizer(model, m), bos_token)
-    groups = [it.group() for it in items]
-    check_requests([r for g in groups for r in g.requests],
-                   [f"hellaswag doc {g.key}" for g in groups for _ in g.requests], m.config.max_seq_len)
+    docs = hellaswag.load_docs(data, limit)
     settings = Settings(batch_tokens or (16384 if dev == "cuda" else 2048), attention, label="hellaswag")
     data_id = data or hellaswag.HUB_ID
     if Path(data_id).is_file():
         data_id = f"{Path(data_id).name} sha256:{sha256_file(Path(data_id))}"
     run = {"model": hashlib.sha256((model / MANIFEST).read_bytes()).hexdigest(), "bos": bos_token is not None,
            "data": data_id, "limit": limit}
-    return HellaswagJob(model, m, dev, n_rep, items, groups, settings, data or hellaswag.HUB_ID, run)
+    return HellaswagJob(model, m, dev, n_rep, docs, bos_token, settings, data or hellaswag.HUB_ID, run)
 
 
-def _hellaswag_run(job: HellaswagJob, samples: Path | None, done: dict[int, list[float]]) -> tuple[RunResult, dict]:
-    """Score the items not in `done`; returns the run's result and every item's log-likelihoods."""
-    lls = dict(done)
-    result = RunResult({}, 0.0, 0.0, 0.0, 0.0, 0, job.replicas, job.device, process_age())
-    if len(done) < len(job.items) or launched_rank() is not None:  # under torchrun all ranks take part
-        sink = SampleWriter(samples, {it.doc_id: it for it in job.items}) if samples else None
-        started = process_age()
-        result = launch(score_worker, job.manifest.tp, job.replicas, job.device, job.folder, job.manifest,
-                        job.groups, job.settings, sink, frozenset(done))
-        if result is None:  # a non-zero rank under torchrun: rank 0 reports
-            sys.exit(0)
-        result = replace(result, started_s=started)
-        lls.update({k: [ll for ll, _ in s] for k, s in result.scores.items()})
-    return result, lls
+def _hellaswag_run(job: HellaswagJob, ranks: Ranks, samples: Path | None, resume: bool) -> HellaswagRun:
+    """Tokenize the items while the ranks start, then score those not in --samples yet."""
+    t0 = time.perf_counter()
+    items = hellaswag.build_items(job.docs, model_tokenizer(job.folder, job.manifest), job.bos)
+    groups = [it.group() for it in items]
+    check_requests([r for g in groups for r in g.requests],
+                   [f"hellaswag doc {g.key}" for g in groups for _ in g.requests], job.manifest.config.max_seq_len)
+    data_s = time.perf_counter() - t0
+    with SamplesFile(samples, job.run, items, resume) if samples else nullcontext() as log:
+        done = log.done if log else {}
+        lls = dict(done)
+        result = RunResult({}, 0.0, 0.0, 0.0, 0.0, 0, job.replicas, job.device)
+        if len(done) < len(items) or launched_rank() is not None:  # under torchrun all ranks take part
+            sink = SampleWriter(samples, {it.doc_id: it for it in items}) if samples else None
+            result = ranks.run(groups, sink, frozenset(done))
+            if result is None:  # a non-zero rank under torchrun: rank 0 reports
+                sys.exit(0)
+            lls.update({k: [ll for ll, _ in s] for k, s in result.scores.items()})
+    startup_s = process_age() if ranks.launched is None else ranks.launched - (time.time() - process_age())
+    return HellaswagRun(items, lls, result, startup_s, data_s, len(done))
 
 
-def _hellaswag_report(job: HellaswagJob, run: tuple[RunResult, dict], resumed: int, output: Path | None,
-                      as_json: bool) -> None:
-    r, lls = run
-    m = job.manifest
-    metrics = hellaswag.score(job.items, [lls[it.doc_id] for it in job.items])
+def _hellaswag_report(job: HellaswagJob, run: HellaswagRun, output: Path | None, as_json: bool) -> None:
+    r, m = run.result, job.manifest
+    metrics = hellaswag.score(run.items, [run.lls[it.doc_id] for it in run.items])
     wall = process_age()
     result = {
         "task": "hellaswag", **metrics,
-        "timing": {"wall_s": round(wall, 3), "startup_s": round(r.started_s, 3), "ready_s": round(r.ready_s, 3),
+        "timing": {"wall_s": round(wall, 3), "startup_s": round(run.startup_s, 3), "ready_s": round(r.ready_s, 3),
                    "load_s": round(r.load_s, 3), "compile_s": round(r.compile_s, 3), "eval_s": round(r.eval_s, 3),
-                   "other_s": round(wall - r.started_s - r.ready_s - r.eval_s, 3),
+                   "other_s": round(wall - run.startup_s - r.ready_s - r.eval_s, 3), "data_s": round(run.data_s, 3),
                    "tokens": r.tokens, "tokens_per_s": round(r.tokens / max(r.eval_s, 1e-9), 1),
-                   "items": len(job.items) - resumed, "resumed_items": resumed},
+                   "items": len(run.items) - run.resumed, "resumed_items": run.resumed},
         "settings": {"model": str(job.folder), "dtype": m.dtype, "tp": m.tp, "replicas": r.replicas,
                      "device": job.device, "bos": job.run["bos"], "batch_tokens": job.settings.batch_tokens,
                      "attention": job.settings.attention, "data": job.data, "limit": job.run["limit"]},
@@ -239,7 +250,7 @@ def _hellaswag_report(job: HellaswagJob, run: tuple[RunResult, dict], resumed: i
                    f"| {100 * metrics['acc_norm']:8.2f} | {100 * metrics['acc_norm_stderr']:6.2f} |")
         click.echo(f"wall {t['wall_s']:.1f} s: start-up {t['startup_s']:.1f} s, ready {t['ready_s']:.1f} s (load "
                    f"{t['load_s']:.1f} s and compile {t['compile_s']:.1f} s side by side), eval {t['eval_s']:.1f} s, "
-                   f"other {t['other_s']:.1f} s; "
+                   f"other {t['other_s']:.1f} s (tokenizing {t['data_s']:.1f} s, while spawned ranks start); "
                    f"{t['tokens']:,} tokens ({t['tokens_per_s']:,.0f} tok/s) on {job.device} "
                    f"(tp {m.tp} x {r.replicas} replica(s), {m.dtype})")
     if output:

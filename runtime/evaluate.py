@@ -63,12 +63,11 @@ class RunResult:
     scores: dict[int, list[Score]]   # group key -> one Score per request
     load_s: float                    # weights onto the device
     compile_s: float                 # compiling kernels on a filler batch, while the weights load
-    ready_s: float                   # until both were done (the batches are packed meanwhile)
+    ready_s: float                   # from the ranks' start until every rank had both done
     eval_s: float                    # all batches
     tokens: int                      # forest tokens run (filler excluded)
     replicas: int
     device: str
-    started_s: float = 0.0           # process age when the run was launched (set by the caller)
 
 
 class Prepared(NamedTuple):
@@ -148,35 +147,43 @@ def score_batch(model: Model, groups: Sequence[Group], device: torch.device,
     return Readback(out), p.tokens
 
 
-def score_worker(ctx: Context, folder: Path, manifest: Manifest, groups: list[Group], settings: Settings,
-                 sink: Sink | None = None, skip: frozenset[int] = frozenset()) -> RunResult | None:
-    """Every rank runs this: load the model, score the groups whose key global rank 0's `skip`
-    (already scored) lacks; the result on global rank 0. A thread loads the weights and compiles
-    the kernels while this one packs the batches."""
-    if ctx.world > 1:  # under torchrun only rank 0 has read the samples file
-        box = [skip]
-        dist.broadcast_object_list(box, src=0)
-        skip = box[0]
-    groups = [g for g in groups if g.key not in skip]
+Data = tuple[list[Group], Sink | None, frozenset[int]]   # score_worker's late arguments: groups, sink, skip
+
+
+def score_worker(ctx: Context, folder: Path, manifest: Manifest, settings: Settings,
+                 later: Callable[[], Data]) -> RunResult | None:
+    """Every rank runs this (a `parallel.start` worker): load the model, then score the groups
+    whose key global rank 0's skip (already scored) lacks; the result on global rank 0. A thread
+    loads the weights and compiles the kernels while this one waits for the groups (`later`: the
+    caller reads and tokenizes the data meanwhile) and packs them."""
     title = f"{settings.label} x{ctx.replicas}" if ctx.replicas > 1 else settings.label
-    bar = tqdm(total=len(groups), unit=settings.unit, dynamic_ncols=True, mininterval=1.0, delay=2.0,
+    bar = tqdm(unit=settings.unit, dynamic_ncols=True, mininterval=1.0, delay=2.0,
                disable=not (settings.progress and ctx.is_main), desc=f"{title}: loading weights")
     try:
         with device_threads(ctx.device) as pool:
             ready = pool.submit(_ready_model, ctx, folder, manifest, settings, bar, title)
-            batches = pack_groups([[r.inputs for r in g.requests] for g in groups], settings.batch_tokens)
-            model, *times = ready.result()
+            groups, sink, skip = later()
+            todo = [g for g in groups if g.key not in skip]
+            batches = pack_groups([[r.inputs for r in g.requests] for g in todo], settings.batch_tokens)
+            model, load_s, compile_s = ready.result()
+        ready_s = time.time() - ctx.launched
+        if ctx.world > 1:  # under torchrun only rank 0 has read the samples file: its skip counts
+            box = [skip]
+            dist.broadcast_object_list(box, src=0)   # after the start-up's collectives, never beside them
+            if box[0] != skip:
+                todo = [g for g in groups if g.key not in box[0]]
+                batches = pack_groups([[r.inputs for r in g.requests] for g in todo], settings.batch_tokens)
         bar.set_description_str(title, refresh=False)
-        return score_groups(ctx, model, groups, settings, sink, batches, bar, *times)
+        return score_groups(ctx, model, todo, settings, sink, batches, bar, load_s, compile_s, ready_s)
     finally:
         bar.close()
 
 
 def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Settings, bar: tqdm,
-                 title: str) -> tuple[Model, float, float, float]:
+                 title: str) -> tuple[Model, float, float]:
     """The model with its weights on the device and its kernels compiled: a thread reads the
     weights while this one builds the model and compiles on placeholder weights, so loading,
-    importing the compile stack and compiling overlap. (model, load_s, compile_s, ready_s)."""
+    importing the compile stack and compiling overlap. (model, load_s, compile_s)."""
     check_device(ctx, manifest)
     t0 = time.perf_counter()
 
@@ -199,7 +206,7 @@ def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
                 torch.cuda.synchronize(ctx.device)
             compile_s = time.perf_counter() - t1
         model.w, load_s = together(ctx, loading.result)   # after every rank compiled: collectives matched
-    return model, load_s, compile_s, time.perf_counter() - t0
+    return model, load_s, compile_s
 
 
 def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Settings, sink: Sink | None = None,

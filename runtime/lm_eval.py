@@ -35,7 +35,7 @@ from llamafuse.formats.tokenizer import Tokenizer
 from .evaluate import Group, Request, Score, Settings, check_requests, score_worker
 from .options import bos_id, model_tokenizer, resolve_device, resolve_replicas
 from .packing import pack_groups, prefix_forest
-from .parallel import launch, launched_rank
+from .parallel import launched_rank, start
 
 ENCODE_BATCH = 4096  # texts per batched tokenizer call
 
@@ -52,7 +52,7 @@ class CallStats:
     request_tokens: int # what a backend running each request on its own runs
     load_s: float
     compile_s: float    # compiling kernels (sm80+ GPUs), while the weights load
-    ready_s: float      # until both were done
+    ready_s: float      # from the ranks' start until both were done
     eval_s: float       # all batches
 
 
@@ -194,8 +194,9 @@ class LlamafuseLM(TemplateLM):
         check_requests(requests, names, self.max_length)
         groups = by_context(requests)
         settings = Settings(self.batch_tokens, self.attention, label=request_type, unit="context")
-        result = launch(score_worker, self.manifest.tp, self.replicas, self.device_type, self.folder,
-                        self.manifest, groups, settings)
+        with start(score_worker, self.manifest.tp, self.replicas, self.device_type, self.folder, self.manifest,
+                   settings) as ranks:
+            result = ranks.run(groups, None, frozenset())
         self.calls.append(CallStats(request_type, len(requests), result.tokens, hf_tokens(requests),
                                     sum(len(r.inputs) for r in requests), result.load_s, result.compile_s,
                                     result.ready_s, result.eval_s))

@@ -1,5 +1,10 @@
 """Process groups: one process per rank, started by llama-run itself or by torchrun.
 
+`start(worker, ..., *early)` starts the ranks at once; `Ranks.run(*late)` hands them the rest of
+their arguments (the data, read and tokenized meanwhile) and returns global rank 0's result. A
+worker is called `worker(ctx, *early, later)`, where `later()` waits for the late arguments, so a
+rank can load its weights and compile before its data exists. `launch` is both in one call.
+
 World = replicas x tp. Ranks [r*tp, (r+1)*tp) form replica r's tensor-parallel group; each
 replica scores its own share of the batches (data parallel).
 
@@ -59,6 +64,7 @@ class Context:
     tp_rank: int
     replica: int
     replicas: int
+    launched: float                # time.time() when the ranks were started
 
     @property
     def is_main(self) -> bool:
@@ -71,7 +77,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _make_context(rank: int, world: int, tp: int, device_type: str, local_rank: int) -> Context:
+def _make_context(rank: int, world: int, tp: int, device_type: str, local_rank: int, launched: float) -> Context:
     device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
     if device_type == "cuda":
         torch.cuda.set_device(device)
@@ -79,7 +85,7 @@ def _make_context(rank: int, world: int, tp: int, device_type: str, local_rank: 
     if world > 1:
         groups = [dist.new_group(list(range(r * tp, (r + 1) * tp))) for r in range(world // tp)]
         tp_group = groups[rank // tp]
-    return Context(rank, world, tp, device, tp_group, rank % tp, rank // tp, world // tp)
+    return Context(rank, world, tp, device, tp_group, rank % tp, rank // tp, world // tp, launched)
 
 
 def device_threads(device: torch.device, workers: int = 1) -> ThreadPoolExecutor:
@@ -137,7 +143,40 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}{': ' + lines[0] if lines else ''}{at}"
 
 
-def _entry(rank: int, world: int, tp: int, device_type: str, port: int, reports: str, parent: int) -> None:
+def _publish(reports: Path, name: str, obj: Any, world: int) -> None:
+    """Pickle `obj` to `name-R` for every rank R: one file, a hard link each, so that each link
+    appears whole (a rank waiting for it never reads part of it) and a rank removes its own."""
+    (reports / name).write_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+    for r in range(world):
+        os.link(reports / name, reports / f"{name}-{r}")
+    (reports / name).unlink()
+
+
+def _take(reports: Path, name: str, rank: int, wait: bool = False) -> Any:
+    """This rank's copy of what `_publish` wrote (waiting for it if asked), removed once read."""
+    path = reports / f"{name}-{rank}"
+    while wait and not path.exists():
+        time.sleep(0.005)   # the parent writes it or ends this rank (and dies with it, see _die_with_parent)
+    obj = pickle.loads(path.read_bytes())
+    path.unlink()
+    return obj
+
+
+@dataclass
+class _Later:
+    """A spawned rank's late arguments, waited for and read on the first call."""
+    reports: Path
+    rank: int
+    args: tuple | None = None
+
+    def __call__(self) -> tuple:
+        if self.args is None:
+            self.args = _take(self.reports, "late", self.rank, wait=True)
+        return self.args
+
+
+def _entry(rank: int, world: int, tp: int, device_type: str, port: int, reports: str, parent: int,
+           launched: float) -> None:
     """One spawned rank: run the job's worker, leave a report (kind, payload) for the parent, exit."""
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_DFL)    # Ctrl-C ends a rank silently; the parent reports
@@ -150,12 +189,11 @@ def _entry(rank: int, world: int, tp: int, device_type: str, port: int, reports:
     if device_type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        job = Path(reports) / f"job-{rank}"
-        worker, args = pickle.loads(job.read_bytes())
-        job.unlink()
+        worker, early = _take(Path(reports), "job", rank)
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                                 rank=rank, world_size=world, timeout=timedelta(minutes=30))
-        result = worker(_make_context(rank, world, tp, device_type, rank), *args)
+        ctx = _make_context(rank, world, tp, device_type, rank, launched)
+        result = worker(ctx, *early, _Later(Path(reports), rank))
         outcome = ("ok", pickle.dumps(result if rank == 0 else None, protocol=pickle.HIGHEST_PROTOCOL))
     except LlamafuseError as e:
         outcome = ("error", str(e))
@@ -242,47 +280,82 @@ def _spawn_log_quiet() -> Iterator[None]:
         log.setLevel(level)
 
 
-def _spawn(worker: Callable[..., Any], world: int, tp: int, device_type: str, args: tuple) -> Any:
-    """Each rank reads the job (worker and args: the data, megabytes) from its own link to one file
-    in the reports folder, and removes it. Passed as process arguments the job would go down each
-    rank's start pipe, and the parent would wait on every rank in turn to import its modules
-    before it could start the next."""
+class Ranks:
+    """The ranks `start` began. `launched` is time.time() when they were started; None until then
+    (ranks that run in this process start when `run` is called)."""
+    launched: float | None = None
+
+    def run(self, *late: Any) -> Any:
+        """Hand every rank the late arguments; global rank 0's result (None on other ranks under
+        torchrun). Call once."""
+        raise NotImplementedError
+
+
+class _InProcess(Ranks):
+    """The only rank, or this process's rank under torchrun: the worker runs in `run`."""
+
+    def __init__(self, worker: Callable[..., Any], early: tuple, device_type: str, tp: int):
+        self.worker, self.early, self.device_type, self.tp = worker, early, device_type, tp
+
+    def run(self, *late: Any) -> Any:
+        self.launched = time.time()
+        rank = launched_rank()
+        if rank is None:
+            ctx = _make_context(0, 1, 1, self.device_type, 0, self.launched)
+            return self.worker(ctx, *self.early, lambda: late)
+        world = int(os.environ["WORLD_SIZE"])
+        if world % self.tp:
+            raise LlamafuseError(f"torchrun started {world} processes, not a multiple of the model's tp {self.tp}")
+        own = not dist.is_initialized()
+        if own:
+            dist.init_process_group("nccl" if self.device_type == "cuda" else "gloo")
+        try:
+            ctx = _make_context(rank, world, self.tp, self.device_type, int(os.environ.get("LOCAL_RANK", rank)),
+                                self.launched)
+            return self.worker(ctx, *self.early, lambda: late)
+        finally:
+            if own:  # left to interpreter teardown, gloo's threads can abort the process after success
+                dist.destroy_process_group()
+
+
+class _Spawned(Ranks):
+    """Rank processes started by `_spawn`, waiting for their late arguments."""
+
+    def __init__(self, pc: ProcessContext, reports: Path, launched: float):
+        self.pc, self.reports, self.launched = pc, reports, launched
+
+    def run(self, *late: Any) -> Any:
+        _publish(self.reports, "late", late, len(self.pc.processes))
+        try:
+            done = False
+            while not done:
+                done = self.pc.join()  # returns each time a rank exits with code 0
+                _check_quitters(self.pc, self.reports)
+        except ProcessException as e:  # every rank has been ended and joined
+            raise LlamafuseError(_failure(self.pc, self.reports, e.error_index)) from None
+        return pickle.loads(_read_report(self.reports, 0)[1])
+
+
+@contextmanager
+def _spawn(worker: Callable[..., Any], world: int, tp: int, device_type: str, early: tuple) -> Iterator[Ranks]:
+    """Start `world` rank processes; ranks still running when the block ends are killed. Each rank
+    reads the job and later its late arguments from its own link to a file in the reports folder:
+    passed as process arguments they would go down each rank's start pipe, and the parent would
+    wait on every rank in turn to import its modules before it could start the next."""
     with tempfile.TemporaryDirectory(prefix="llamafuse-ranks-") as folder, _spawn_log_quiet():
         reports, caught, pc = Path(folder), [], None
-        (reports / "job-0").write_bytes(pickle.dumps((worker, args), protocol=pickle.HIGHEST_PROTOCOL))
-        for r in range(1, world):
-            os.link(reports / "job-0", reports / f"job-{r}")
+        _publish(reports, "job", (worker, early), world)
+        launched = time.time()
         try:
             with _held_back(caught):
-                pc = mp.start_processes(_entry, (world, tp, device_type, _free_port(), folder, os.getpid()),
+                pc = mp.start_processes(_entry, (world, tp, device_type, _free_port(), folder, os.getpid(), launched),
                                         nprocs=world, join=False, start_method="spawn")
             if caught:
                 raise Interrupted(caught[0])
-            done = False
-            while not done:
-                done = pc.join()  # returns each time a rank exits with code 0
-                _check_quitters(pc, reports)
-        except ProcessException as e:  # every rank has been ended and joined
-            raise LlamafuseError(_failure(pc, reports, e.error_index)) from None
-        except BaseException:
+            yield _Spawned(pc, reports, launched)
+        finally:
             if pc is not None:
                 _kill(pc)
-            raise
-        return pickle.loads(_read_report(reports, 0)[1])
-
-
-def _under_torchrun(worker: Callable[..., Any], tp: int, device_type: str, args: tuple, rank: int) -> Any:
-    world = int(os.environ["WORLD_SIZE"])
-    if world % tp:
-        raise LlamafuseError(f"torchrun started {world} processes, not a multiple of the model's tp {tp}")
-    own = not dist.is_initialized()
-    if own:
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    try:
-        return worker(_make_context(rank, world, tp, device_type, int(os.environ.get("LOCAL_RANK", rank))), *args)
-    finally:
-        if own:  # left to interpreter teardown, gloo's threads can abort the process after success
-            dist.destroy_process_group()
 
 
 def launched_rank() -> int | None:
@@ -290,20 +363,35 @@ def launched_rank() -> int | None:
     return int(os.environ["RANK"]) if "WORLD_SIZE" in os.environ and "RANK" in os.environ else None
 
 
-def launch(worker: Callable[..., Any], tp: int, replicas: int, device_type: str, *args: Any) -> Any:
-    """Run `worker(ctx, *args)` on every rank; returns global rank 0's result (None on other ranks
-    under torchrun). A LlamafuseError on any rank, or any rank failing, raises LlamafuseError here;
-    SIGINT or SIGTERM raises Interrupted once every rank is gone.
+@contextmanager
+def start(worker: Callable[..., Any], tp: int, replicas: int, device_type: str, *early: Any) -> Iterator[Ranks]:
+    """Start the ranks for `worker(ctx, *early, later)`; `.run(*late)` on what this yields finishes
+    the job. A LlamafuseError on any rank, or any rank failing, raises LlamafuseError from `run`;
+    SIGINT or SIGTERM raises Interrupted once every rank is gone; ranks still running when the
+    block ends are killed.
 
-    Under torchrun (WORLD_SIZE set) this process is one rank; otherwise it spawns the ranks
-    itself (or runs inline when there is a single rank).
+    Under torchrun (WORLD_SIZE set) this process is one rank; otherwise the ranks are spawned here
+    now (or, for a single rank, run in this process when `run` is called).
     """
     os.environ.update(SAFE_ENV)
-    rank = launched_rank()
-    if rank is not None:
-        return _under_torchrun(worker, tp, device_type, args, rank)
-    world = tp * replicas
     with interrupts():
-        if world == 1:
-            return worker(_make_context(0, 1, 1, device_type, 0), *args)
-        return _spawn(worker, world, tp, device_type, args)
+        if launched_rank() is not None or tp * replicas == 1:
+            yield _InProcess(worker, early, device_type, tp)
+        else:
+            with _spawn(worker, tp * replicas, tp, device_type, early) as ranks:
+                yield ranks
+
+
+@dataclass(frozen=True)
+class _AllNow:
+    """A worker that takes all its arguments at once, as a `start` worker."""
+    worker: Callable[..., Any]
+
+    def __call__(self, ctx: Context, later: Callable[[], tuple]) -> Any:
+        return self.worker(ctx, *later())
+
+
+def launch(worker: Callable[..., Any], tp: int, replicas: int, device_type: str, *args: Any) -> Any:
+    """Run `worker(ctx, *args)` on every rank: `start` and `run` at once."""
+    with start(_AllNow(worker), tp, replicas, device_type) as ranks:
+        return ranks.run(*args)

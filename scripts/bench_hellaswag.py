@@ -40,7 +40,7 @@ from bench_e2e import RandomSource  # scripts/ is on the path when this file run
 LLAMA_30B = ModelConfig(dim=6656, n_layers=60, n_heads=52, n_kv_heads=52, head_dim=128, ffn_dim=17920,
                         vocab_size=32000, norm_eps=1e-6, rope_theta=10000.0, max_seq_len=2048)
 DEV = torch.device("cuda")
-CTX = Context(0, 1, 1, DEV, None, 0, 0, 1)
+CTX = Context(0, 1, 1, DEV, None, 0, 0, 1, time.time())
 
 
 def bench_ms(fn, reps: int = 20, warmup: int = 3) -> float:

@@ -1,6 +1,10 @@
 """A `launch` worker for tests of how ranks start (kept apart so a spawned rank imports little)."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Callable
+
 import torch.distributed as dist
 
 from llamafuse.runtime.parallel import Context
@@ -10,4 +14,15 @@ def data_seen(ctx: Context, data: list[int]) -> list[tuple[int, int, int]]:
     """Every rank's (rank, len(data), sum(data)), gathered on all ranks."""
     seen: list = [None] * ctx.world
     dist.all_gather_object(seen, (ctx.rank, len(data), sum(data)))
+    return seen
+
+
+def mark_then_sum(ctx: Context, folder: Path, later: Callable[[], tuple]) -> list[tuple[int, int]]:
+    """A `start` worker: leave `started-RANK` (holding this process's pid) in `folder`, then wait
+    for the data; every rank's (rank, sum(data)), gathered on all ranks."""
+    (folder / f".started-{ctx.rank}").write_text(str(os.getpid()))
+    os.replace(folder / f".started-{ctx.rank}", folder / f"started-{ctx.rank}")
+    (data,) = later()
+    seen: list = [None] * ctx.world
+    dist.all_gather_object(seen, (ctx.rank, sum(data)))
     return seen

@@ -2,6 +2,7 @@
 the whole model within its tolerance of the float64 reference, and GPUs without FP8 refused."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,7 @@ def test_float8_refused_before_loading(monkeypatch, tmp_path: Path, stories_meta
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100-SXM2-32GB")
     reads: list[object] = []
     monkeypatch.setattr(evaluate, "load_rank", lambda *a, **k: reads.append(a))
-    ctx = Context(0, 1, 1, torch.device("cuda", 0), None, 0, 0, 1)
+    ctx = Context(0, 1, 1, torch.device("cuda", 0), None, 0, 0, 1, time.time())
     with pytest.raises(LlamafuseError, match="FP8 matrix units"):
         evaluate._ready_model(ctx, out, load_manifest(out), evaluate.Settings(64, progress=False),
                               tqdm(disable=True), "hellaswag")

@@ -244,6 +244,23 @@ def test_rank_fails(tmp_path, model, val, fault):
     run.samples_whole()
 
 
+def test_parent_error_after_ranks_started(tmp_path, model, val):
+    """The ranks start before the parent tokenizes the data; a doc it then refuses (longer than
+    the model's rotary tables) ends them all: one line naming the doc, exit 2, nothing left."""
+    import gzip
+    with gzip.open(val, "rt") as f:
+        rows = [json.loads(next(f)) for _ in range(3)]
+    rows[1]["ctx_a"] = "word " * 2000
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = Run(tmp_path, model, data, limit=3)
+    code = run.finish()
+    line = run.one_line()
+    assert code == 2 and line.startswith("hellaswag doc 1:") and "rotary tables cover" in line, (code, line)
+    assert "Traceback" not in run.stderr()
+    assert not run.rank_folders_left()
+
+
 # ---------------------------------------------------------------- torchrun
 
 

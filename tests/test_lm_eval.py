@@ -342,13 +342,13 @@ def test_cli_hellaswag_matches_llama_run_hellaswag(ours_sp, work, data_dir):
 def no_model(monkeypatch, tm):
     """Fail the test if anything tries to load the model; the module's TaskManager stands in for
     the CLI's own (the same include path; indexing the harness's tasks takes seconds)."""
-    def launch(*args, **kwargs):
+    def start(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
     def task_manager(include_path=None):
         assert include_path == [str(TASKS)]
         return tm
-    monkeypatch.setattr(backend, "launch", launch)
+    monkeypatch.setattr(backend, "start", start)
     monkeypatch.setattr(backend, "TaskManager", task_manager)
 
 

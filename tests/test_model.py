@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -178,7 +179,7 @@ def test_out_of_memory_is_one_clear_error(stories):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
     m, tensors, items = stories
     model = Exhausted(m.config, RankLayout(m.config, 1, 0), tensors)
-    ctx = Context(0, 1, 1, torch.device("cpu"), None, 0, 0, 1)
+    ctx = Context(0, 1, 1, torch.device("cpu"), None, 0, 0, 1, time.time())
     with pytest.raises(LlamafuseError, match="--batch-tokens 4096; try --batch-tokens 2048"):
         score_groups(ctx, model, [it.group() for it in items], Settings(4096, progress=False))
 

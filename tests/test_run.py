@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -285,7 +286,10 @@ def test_replicas_match_single_process(work, stories_out, stories_runs):
     run = hellaswag(stories_out, work, "stories-rep2", "--replicas", 2, limit=N_STORIES)
     assert run["results"]["settings"]["replicas"] == 2
     assert max_diff(lls_of(run), lls_of(stories_runs[True])) <= SAME_TOL
-    assert run["results"]["timing"]["tokens"] == stories_runs[True]["results"]["timing"]["tokens"]
+    t = run["results"]["timing"]
+    assert t["tokens"] == stories_runs[True]["results"]["timing"]["tokens"]
+    assert t["ready_s"] >= t["load_s"] > 0 and t["data_s"] > 0  # ready: from the ranks' start (spawn, imports)
+    assert t["wall_s"] == pytest.approx(t["startup_s"] + t["ready_s"] + t["eval_s"] + t["other_s"], abs=0.01)
 
 
 def test_tp2_times_two_replicas_matches_tp1(work, big_outs, big_runs):
@@ -357,6 +361,45 @@ def test_spawned_ranks_read_the_job_from_a_file(monkeypatch):
     assert len(sizes) == 1 and sizes[0] < 1000, sizes
 
 
+def _wait_started(folder: Path, world: int) -> list[int]:
+    """The pids the ranks of a `mark_then_sum` run left in `folder`, once all have."""
+    end = time.monotonic() + 120
+    while not all((folder / f"started-{r}").exists() for r in range(world)):
+        assert time.monotonic() < end, "the ranks did not start within 120 s"
+        time.sleep(0.02)
+    return [int((folder / f"started-{r}").read_text()) for r in range(world)]
+
+
+def test_spawned_ranks_start_before_their_data(tmp_path):
+    """`start` starts the ranks at once: every rank is running before `run` hands them the data
+    (llama-run tokenizes meanwhile), and then every rank gets it."""
+    from llamafuse.runtime import parallel
+    from spawn_worker import mark_then_sum
+    with parallel.start(mark_then_sum, 2, 1, "cpu", tmp_path) as ranks:
+        assert ranks.launched is not None and ranks.launched <= time.time()
+        _wait_started(tmp_path, 2)
+        assert ranks.run([1, 2, 3]) == [(0, 6), (1, 6)]
+
+
+def test_ranks_never_given_their_data_are_ended(tmp_path, monkeypatch):
+    """When the caller fails after starting the ranks (bad data, say), leaving the block kills the
+    ranks that wait for their data and removes their folder."""
+    import tempfile
+
+    from llamafuse.runtime import parallel
+    from spawn_worker import mark_then_sum
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    with pytest.raises(ValueError, match="bad data"):
+        with parallel.start(mark_then_sum, 2, 1, "cpu", tmp_path):
+            pids = _wait_started(tmp_path, 2)
+            raise ValueError("bad data")
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not any((tmp_path / "tmp").iterdir())
+
+
 def test_results_and_samples_fields(stories_runs, stories_docs, stories_sp, stories_out):
     run = stories_runs[True]
     r = run["results"]
@@ -365,10 +408,12 @@ def test_results_and_samples_fields(stories_runs, stories_docs, stories_sp, stor
     for k in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr"):
         assert isinstance(r[k], float) and 0.0 <= r[k] <= 1.0, k
     t = r["timing"]
-    for k in ("wall_s", "startup_s", "ready_s", "load_s", "compile_s", "eval_s", "other_s", "tokens", "tokens_per_s"):
+    for k in ("wall_s", "startup_s", "ready_s", "load_s", "compile_s", "eval_s", "other_s", "data_s", "tokens",
+              "tokens_per_s"):
         assert k in t and t[k] >= 0, k
     assert t["eval_s"] > 0 and t["tokens_per_s"] > 0 and t["compile_s"] == 0  # nothing compiles on the CPU
     assert t["startup_s"] > 0.5   # counted from the process start: at least the imports
+    assert 0 < t["data_s"] < t["startup_s"]   # one rank in this process starts after the tokenizing
     assert t["ready_s"] >= t["load_s"] > 0   # loading and compiling overlap: ready is the longer of them
     assert t["wall_s"] == pytest.approx(t["startup_s"] + t["ready_s"] + t["eval_s"] + t["other_s"], abs=0.01)
     # Tokens run: every distinct input prefix (context + ending less its last token) at least
