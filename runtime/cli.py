@@ -232,7 +232,8 @@ def _hellaswag_report(job: HellaswagJob, run: HellaswagRun, output: Path | None,
     result = {
         "task": "hellaswag", **metrics,
         "timing": {"wall_s": round(wall, 3), "startup_s": round(run.startup_s, 3), "ready_s": round(r.ready_s, 3),
-                   "load_s": round(r.load_s, 3), "compile_s": round(r.compile_s, 3), "eval_s": round(r.eval_s, 3),
+                   "rank_start_s": round(r.rank_start_s, 3), "load_s": round(r.load_s, 3),
+                   "compile_s": round(r.compile_s, 3), "eval_s": round(r.eval_s, 3),
                    "other_s": round(wall - run.startup_s - r.ready_s - r.eval_s, 3), "data_s": round(run.data_s, 3),
                    "tokens": r.tokens, "tokens_per_s": round(r.tokens / max(r.eval_s, 1e-9), 1),
                    "items": len(run.items) - run.resumed, "resumed_items": run.resumed},
@@ -248,9 +249,9 @@ def _hellaswag_report(job: HellaswagJob, run: HellaswagRun, output: Path | None,
                    f"|-----------|------:|-------:|-------:|---------:|-------:|\n"
                    f"| hellaswag | {metrics['n']:5d} | {100 * metrics['acc']:6.2f} | {100 * metrics['acc_stderr']:6.2f} "
                    f"| {100 * metrics['acc_norm']:8.2f} | {100 * metrics['acc_norm_stderr']:6.2f} |")
-        click.echo(f"wall {t['wall_s']:.1f} s: start-up {t['startup_s']:.1f} s, ready {t['ready_s']:.1f} s (load "
-                   f"{t['load_s']:.1f} s and compile {t['compile_s']:.1f} s side by side), eval {t['eval_s']:.1f} s, "
-                   f"other {t['other_s']:.1f} s (tokenizing {t['data_s']:.1f} s, while spawned ranks start); "
+        click.echo(f"wall {t['wall_s']:.1f} s: start-up {t['startup_s']:.1f} s, ready {t['ready_s']:.1f} s (ranks "
+                   f"started {t['rank_start_s']:.1f} s; load {t['load_s']:.1f} s and compile {t['compile_s']:.1f} s "
+                   f"side by side), eval {t['eval_s']:.1f} s, other {t['other_s']:.1f} s; tokenizing {t['data_s']:.1f} s; "
                    f"{t['tokens']:,} tokens ({t['tokens_per_s']:,.0f} tok/s) on {job.device} "
                    f"(tp {m.tp} x {r.replicas} replica(s), {m.dtype})")
     if output:

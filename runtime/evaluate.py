@@ -68,6 +68,8 @@ class RunResult:
     tokens: int                      # forest tokens run (filler excluded)
     replicas: int
     device: str
+    rank_start_s: float = 0.0        # from the ranks' start until every rank ran this code (spawned: the
+                                     # interpreter, imports, the process group), part of ready_s
 
 
 class Prepared(NamedTuple):
@@ -156,6 +158,7 @@ def score_worker(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
     whose key global rank 0's skip (already scored) lacks; the result on global rank 0. A thread
     loads the weights and compiles the kernels while this one waits for the groups (`later`: the
     caller reads and tokenizes the data meanwhile) and packs them."""
+    rank_start_s = time.time() - ctx.launched
     title = f"{settings.label} x{ctx.replicas}" if ctx.replicas > 1 else settings.label
     bar = tqdm(unit=settings.unit, dynamic_ncols=True, mininterval=1.0, delay=2.0,
                disable=not (settings.progress and ctx.is_main), desc=f"{title}: loading weights")
@@ -174,7 +177,7 @@ def score_worker(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
                 todo = [g for g in groups if g.key not in box[0]]
                 batches = pack_groups([[r.inputs for r in g.requests] for g in todo], settings.batch_tokens)
         bar.set_description_str(title, refresh=False)
-        return score_groups(ctx, model, todo, settings, sink, batches, bar, load_s, compile_s, ready_s)
+        return score_groups(ctx, model, todo, settings, sink, batches, bar, load_s, compile_s, ready_s, rank_start_s)
     finally:
         bar.close()
 
@@ -211,7 +214,7 @@ def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
 
 def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Settings, sink: Sink | None = None,
                  batches: list[list[int]] | None = None, bar: tqdm | None = None, load_s: float = 0.0,
-                 compile_s: float = 0.0, ready_s: float = 0.0) -> RunResult | None:
+                 compile_s: float = 0.0, ready_s: float = 0.0, rank_start_s: float = 0.0) -> RunResult | None:
     """Score this replica's share of `batches` (indices of `groups`; packed here if None);
     global rank 0 gets everyone's scores."""
     pad_to = settings.batch_tokens if model.attention.fixed_shape else None
@@ -261,7 +264,7 @@ def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Sett
         if own_bar:
             bar.close()
     mine_result = RunResult(scores if leader else {}, load_s, compile_s, ready_s, time.perf_counter() - t1,
-                            done_tokens if leader else 0, ctx.replicas, str(ctx.device))
+                            done_tokens if leader else 0, ctx.replicas, str(ctx.device), rank_start_s)
     if ctx.world == 1:
         return mine_result
     gathered: list[RunResult] | None = [mine_result] * ctx.world if ctx.is_main else None
@@ -271,7 +274,8 @@ def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Sett
     return RunResult({k: v for g in gathered for k, v in g.scores.items()},
                      max(g.load_s for g in gathered), max(g.compile_s for g in gathered),
                      max(g.ready_s for g in gathered), max(g.eval_s for g in gathered),
-                     sum(g.tokens for g in gathered), ctx.replicas, str(ctx.device))
+                     sum(g.tokens for g in gathered), ctx.replicas, str(ctx.device),
+                     max(g.rank_start_s for g in gathered))
 
 
 def _split(groups: Sequence[Group], flat: list[list[float]]) -> list[list[Score]]:

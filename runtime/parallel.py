@@ -325,15 +325,22 @@ class _Spawned(Ranks):
         self.pc, self.reports, self.launched = pc, reports, launched
 
     def run(self, *late: Any) -> Any:
-        _publish(self.reports, "late", late, len(self.pc.processes))
+        """Returns once every rank has left its report, without waiting for their teardown (the
+        process group's and the interpreter's: seconds on GPUs); `_spawn` kills what is left."""
+        world = len(self.pc.processes)
+        _publish(self.reports, "late", late, world)
         try:
-            done = False
-            while not done:
-                done = self.pc.join()  # returns each time a rank exits with code 0
+            while not self.pc.join(timeout=0.02):
                 _check_quitters(self.pc, self.reports)
+                if all((self.reports / f"rank-{r}").is_file() for r in range(world)):
+                    break
         except ProcessException as e:  # every rank has been ended and joined
             raise LlamafuseError(_failure(self.pc, self.reports, e.error_index)) from None
-        return pickle.loads(_read_report(self.reports, 0)[1])
+        reports = [_read_report(self.reports, r) for r in range(world)]
+        failed = next((r for r, (kind, _) in enumerate(reports) if kind != "ok"), None)
+        if failed is not None:
+            raise LlamafuseError(_failure(self.pc, self.reports, failed))
+        return pickle.loads(reports[0][1])
 
 
 @contextmanager

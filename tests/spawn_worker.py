@@ -1,7 +1,9 @@
 """A `launch` worker for tests of how ranks start (kept apart so a spawned rank imports little)."""
 from __future__ import annotations
 
+import atexit
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -26,3 +28,9 @@ def mark_then_sum(ctx: Context, folder: Path, later: Callable[[], tuple]) -> lis
     seen: list = [None] * ctx.world
     dist.all_gather_object(seen, (ctx.rank, sum(data)))
     return seen
+
+
+def slow_exit(ctx: Context, seconds: float) -> int:
+    """Returns this rank's pid, and then takes `seconds` to exit (a slow teardown)."""
+    atexit.register(time.sleep, seconds)
+    return os.getpid()

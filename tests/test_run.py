@@ -289,6 +289,7 @@ def test_replicas_match_single_process(work, stories_out, stories_runs):
     t = run["results"]["timing"]
     assert t["tokens"] == stories_runs[True]["results"]["timing"]["tokens"]
     assert t["ready_s"] >= t["load_s"] > 0 and t["data_s"] > 0  # ready: from the ranks' start (spawn, imports)
+    assert 0.3 < t["rank_start_s"] < t["ready_s"]   # a spawned rank starts an interpreter and imports torch
     assert t["wall_s"] == pytest.approx(t["startup_s"] + t["ready_s"] + t["eval_s"] + t["other_s"], abs=0.01)
 
 
@@ -400,6 +401,18 @@ def test_ranks_never_given_their_data_are_ended(tmp_path, monkeypatch):
     assert not any((tmp_path / "tmp").iterdir())
 
 
+def test_results_do_not_wait_for_rank_teardown():
+    """Once every rank has left its report the parent has the result: a rank's teardown (the
+    process group's and the interpreter's, seconds on GPUs; here two minutes) is cut short."""
+    from llamafuse.runtime import parallel
+    from spawn_worker import slow_exit
+    t0 = time.monotonic()
+    pid = parallel.launch(slow_exit, 2, 1, "cpu", 120.0)
+    assert time.monotonic() - t0 < 60
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
 def test_results_and_samples_fields(stories_runs, stories_docs, stories_sp, stories_out):
     run = stories_runs[True]
     r = run["results"]
@@ -408,8 +421,8 @@ def test_results_and_samples_fields(stories_runs, stories_docs, stories_sp, stor
     for k in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr"):
         assert isinstance(r[k], float) and 0.0 <= r[k] <= 1.0, k
     t = r["timing"]
-    for k in ("wall_s", "startup_s", "ready_s", "load_s", "compile_s", "eval_s", "other_s", "data_s", "tokens",
-              "tokens_per_s"):
+    for k in ("wall_s", "startup_s", "ready_s", "rank_start_s", "load_s", "compile_s", "eval_s", "other_s", "data_s",
+              "tokens", "tokens_per_s"):
         assert k in t and t[k] >= 0, k
     assert t["eval_s"] > 0 and t["tokens_per_s"] > 0 and t["compile_s"] == 0  # nothing compiles on the CPU
     assert t["startup_s"] > 0.5   # counted from the process start: at least the imports
