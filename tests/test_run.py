@@ -282,7 +282,8 @@ def test_tensor_parallel_matches_tp1(tp, work, big_outs, big_runs):
 
 
 def test_replicas_match_single_process(work, stories_out, stories_runs):
-    """Two data-parallel CPU replicas (gloo) split the batches and still score every item once."""
+    """Two data-parallel CPU replicas (gloo) split the batches and still score every item once;
+    the timing's parts add up, ready counting from the ranks' start (their own start-up in it)."""
     run = hellaswag(stories_out, work, "stories-rep2", "--replicas", 2, limit=N_STORIES)
     assert run["results"]["settings"]["replicas"] == 2
     assert max_diff(lls_of(run), lls_of(stories_runs[True])) <= SAME_TOL
