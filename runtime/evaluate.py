@@ -63,7 +63,7 @@ class RunResult:
     scores: dict[int, list[Score]]   # group key -> one Score per request
     load_s: float                    # weights onto the device
     compile_s: float                 # compiling kernels on a filler batch, while the weights load
-    ready_s: float                   # from the ranks' start until every rank had both done
+    ready_s: float                   # from the ranks' start until every rank's model was ready
     eval_s: float                    # all batches
     tokens: int                      # forest tokens run (filler excluded)
     replicas: int
@@ -168,8 +168,7 @@ def score_worker(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
             groups, sink, skip = later()
             todo = [g for g in groups if g.key not in skip]
             batches = pack_groups([[r.inputs for r in g.requests] for g in todo], settings.batch_tokens)
-            model, load_s, compile_s = ready.result()
-        ready_s = time.time() - ctx.launched
+            model, load_s, compile_s, ready_s = ready.result()
         if ctx.world > 1:  # under torchrun only rank 0 has read the samples file: its skip counts
             box = [skip]
             dist.broadcast_object_list(box, src=0)   # after the start-up's collectives, never beside them
@@ -183,10 +182,11 @@ def score_worker(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
 
 
 def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Settings, bar: tqdm,
-                 title: str) -> tuple[Model, float, float]:
+                 title: str) -> tuple[Model, float, float, float]:
     """The model with its weights on the device and its kernels compiled: a thread reads the
     weights while this one builds the model and compiles on placeholder weights, so loading,
-    importing the compile stack and compiling overlap. (model, load_s, compile_s)."""
+    importing the compile stack and compiling overlap. (model, load_s, compile_s, ready_s: from
+    the ranks' start)."""
     check_device(ctx, manifest)
     t0 = time.perf_counter()
 
@@ -209,7 +209,7 @@ def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
                 torch.cuda.synchronize(ctx.device)
             compile_s = time.perf_counter() - t1
         model.w, load_s = together(ctx, loading.result)   # after every rank compiled: collectives matched
-    return model, load_s, compile_s
+    return model, load_s, compile_s, time.time() - ctx.launched
 
 
 def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Settings, sink: Sink | None = None,

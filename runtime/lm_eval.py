@@ -12,7 +12,7 @@ Absolute imports only: `lm_eval` here is the harness, never this module.
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,7 +35,7 @@ from llamafuse.formats.tokenizer import Tokenizer
 from .evaluate import Group, Request, Score, Settings, check_requests, score_worker
 from .options import bos_id, model_tokenizer, resolve_device, resolve_replicas
 from .packing import pack_groups, prefix_forest
-from .parallel import launched_rank, start
+from .parallel import Ranks, launched_rank, start
 
 ENCODE_BATCH = 4096  # texts per batched tokenizer call
 
@@ -86,6 +86,7 @@ class LlamafuseLM(TemplateLM):
         self.calls: list[CallStats] = []
         self._names: list[str] | None = None   # the requests' tasks and docs, during `loglikelihood`
         self._encoded: dict[str, np.ndarray] = {}  # texts encoded ahead, during one request type's call
+        self._ahead: Ranks | None = None       # ranks started ahead for the next engine run (`ranks_ahead`)
 
     # ------------------------------------------------ tokenization (HFLM's rules on our tokenizer)
 
@@ -193,14 +194,39 @@ class LlamafuseLM(TemplateLM):
             return []
         check_requests(requests, names, self.max_length)
         groups = by_context(requests)
-        settings = Settings(self.batch_tokens, self.attention, label=request_type, unit="context")
-        with start(score_worker, self.manifest.tp, self.replicas, self.device_type, self.folder, self.manifest,
-                   settings) as ranks:
+        with self._ranks() as ranks:
             result = ranks.run(groups, None, frozenset())
         self.calls.append(CallStats(request_type, len(requests), result.tokens, hf_tokens(requests),
                                     sum(len(r.inputs) for r in requests), result.load_s, result.compile_s,
                                     result.ready_s, result.eval_s))
         return [score for g in groups for score in result.scores[g.key]]
+
+    @contextmanager
+    def ranks_ahead(self) -> Iterator[None]:
+        """Within: the ranks for the next engine run are started now, so spawned ranks (tp or
+        replicas) load the weights and compile while the harness builds its requests; a rank
+        running in this process starts at the call as always. Killed at the end if unused."""
+        with self._start() as ranks:
+            self._ahead = ranks
+            try:
+                yield
+            finally:
+                self._ahead = None
+
+    @contextmanager
+    def _ranks(self) -> Iterator[Ranks]:
+        """The ranks started ahead, once; else new ones for this run."""
+        if self._ahead is not None:
+            ranks, self._ahead = self._ahead, None
+            yield ranks
+        else:
+            with self._start() as ranks:
+                yield ranks
+
+    def _start(self) -> AbstractContextManager[Ranks]:
+        settings = Settings(self.batch_tokens, self.attention, label="lm-eval", unit="context")
+        return start(score_worker, self.manifest.tp, self.replicas, self.device_type, self.folder, self.manifest,
+                     settings)
 
     def get_model_info(self) -> dict[str, Any]:
         """Recorded in the harness's results under `config`."""
@@ -308,7 +334,7 @@ def run(job: Job, num_fewshot: int | None, limit: int | None, log_samples: bool,
     writes them. Returns the harness's results (samples removed)."""
     tracker = EvaluationTracker(output_path=str(output_path)) if output_path else None
     lm = job.lm
-    with compiled_templates():
+    with compiled_templates(), lm.ranks_ahead():
         results = simple_evaluate(model=lm, model_args={"pretrained": str(lm.folder), **lm.get_model_info()},
                                   tasks=job.tasks, num_fewshot=num_fewshot, limit=limit, log_samples=log_samples,
                                   evaluation_tracker=tracker, task_manager=job.task_manager)

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -274,6 +275,33 @@ def test_tp_and_replicas_match_one_process(tm, work, stories_json, our_runs):
     assert [c.request_type for c in lm.calls] == ["loglikelihood", "loglikelihood_rolling"]
 
 
+def test_ranks_started_before_the_harness_builds_requests(tm, work, ours_512, monkeypatch):
+    """`llama-run lm-eval` (`backend.run`) starts its ranks before the harness builds any request,
+    so spawned ranks (2 replicas here) load and compile meanwhile: that one start serves the first
+    engine run; the next request type starts its own ranks."""
+    events: list[str] = []
+    real_start = backend.start
+
+    @contextmanager
+    def start(*args, **kwargs):
+        events.append("start")
+        with real_start(*args, **kwargs) as ranks:
+            yield ranks
+
+    def recorded(name):
+        method = getattr(LlamafuseLM, name)
+        return lambda self, *args, **kwargs: (events.append(name), method(self, *args, **kwargs))[1]
+    monkeypatch.setattr(backend, "start", start)
+    for name in ("loglikelihood", "loglikelihood_rolling"):
+        monkeypatch.setattr(LlamafuseLM, name, recorded(name))
+    monkeypatch.setattr(backend, "TaskManager", lambda include_path=None: tm)
+    job = backend.prepare(ours_512, "winogrande_local,pile_10k_local", (TASKS,), "cpu", None, 2, "auto")
+    results = backend.run(job, None, 10, False, None)
+    assert events == ["start", "loglikelihood", "loglikelihood_rolling", "start"]
+    assert [c.request_type for c in job.lm.calls] == ["loglikelihood", "loglikelihood_rolling"]
+    assert set(results["results"]) == {"winogrande_local", "pile_10k_local"}
+
+
 def test_registered_as_llamafuse(tm, ours_512, our_runs):
     """`simple_evaluate(model="llamafuse", model_args="pretrained=...")` once the module is imported;
     the harness's own models stay available."""
@@ -340,10 +368,18 @@ def test_cli_hellaswag_matches_llama_run_hellaswag(ours_sp, work, data_dir):
 
 @pytest.fixture()
 def no_model(monkeypatch, tm):
-    """Fail the test if anything tries to load the model; the module's TaskManager stands in for
-    the CLI's own (the same include path; indexing the harness's tasks takes seconds)."""
+    """Fail the test if the engine runs (ranks may be started ahead: no rank process here, and
+    none that runs in this process loads anything before `run`); the module's TaskManager stands
+    in for the CLI's own (the same include path; indexing the harness's tasks takes seconds)."""
+    from llamafuse.runtime.parallel import Ranks
+
+    class NoRun(Ranks):
+        def run(self, *late):
+            raise AssertionError("the model was run")
+
+    @contextmanager
     def start(*args, **kwargs):
-        raise AssertionError("the model was loaded")
+        yield NoRun()
 
     def task_manager(include_path=None):
         assert include_path == [str(TASKS)]
