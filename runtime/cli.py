@@ -20,6 +20,7 @@ from tqdm import tqdm
 from llamafuse.formats import LlamafuseError, Manifest, load_manifest
 from llamafuse.formats.interrupts import Interrupted, interrupts
 from llamafuse.formats.manifest import MANIFEST, sha256_file
+from llamafuse.formats.tokenizer import Tokenizer
 
 from . import hellaswag
 from .attention import ATTENTION_CHOICES
@@ -133,6 +134,7 @@ class HellaswagJob:
     device: str
     replicas: int
     docs: list[dict]          # validated rows
+    tokenizer: Tokenizer      # the model's, checked against the manifest
     bos: int | None           # the BOS token put first, if any
     settings: Settings
     data: str                 # --data as given, or the hub id
@@ -200,13 +202,14 @@ def _hellaswag_job(model: Path, data: str | None, limit: int | None, bos: bool |
         data_id = f"{Path(data_id).name} sha256:{sha256_file(Path(data_id))}"
     run = {"model": hashlib.sha256((model / MANIFEST).read_bytes()).hexdigest(), "bos": bos_token is not None,
            "data": data_id, "limit": limit}
-    return HellaswagJob(model, m, dev, n_rep, docs, bos_token, settings, data or hellaswag.HUB_ID, run)
+    return HellaswagJob(model, m, dev, n_rep, docs, model_tokenizer(model, m), bos_token, settings,
+                        data or hellaswag.HUB_ID, run)
 
 
 def _hellaswag_run(job: HellaswagJob, ranks: Ranks, samples: Path | None, resume: bool) -> HellaswagRun:
     """Tokenize the items while the ranks start, then score those not in --samples yet."""
     t0 = time.perf_counter()
-    items = hellaswag.build_items(job.docs, model_tokenizer(job.folder, job.manifest), job.bos)
+    items = hellaswag.build_items(job.docs, job.tokenizer, job.bos)
     groups = [it.group() for it in items]
     check_requests([r for g in groups for r in g.requests],
                    [f"hellaswag doc {g.key}" for g in groups for _ in g.requests], job.manifest.config.max_seq_len)

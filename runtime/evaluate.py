@@ -162,19 +162,21 @@ def score_worker(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
     title = f"{settings.label} x{ctx.replicas}" if ctx.replicas > 1 else settings.label
     bar = tqdm(unit=settings.unit, dynamic_ncols=True, mininterval=1.0, delay=2.0,
                disable=not (settings.progress and ctx.is_main), desc=f"{title}: loading weights")
+    def plan(groups: list[Group], skip: frozenset[int]) -> tuple[list[Group], list[list[int]]]:
+        todo = [g for g in groups if g.key not in skip]
+        return todo, pack_groups([[r.inputs for r in g.requests] for g in todo], settings.batch_tokens)
+
     try:
         with device_threads(ctx.device) as pool:
             ready = pool.submit(_ready_model, ctx, folder, manifest, settings, bar, title)
             groups, sink, skip = later()
-            todo = [g for g in groups if g.key not in skip]
-            batches = pack_groups([[r.inputs for r in g.requests] for g in todo], settings.batch_tokens)
+            todo, batches = plan(groups, skip)
             model, load_s, compile_s, ready_s = ready.result()
         if ctx.world > 1:  # under torchrun only rank 0 has read the samples file: its skip counts
             box = [skip]
             dist.broadcast_object_list(box, src=0)   # after the start-up's collectives, never beside them
             if box[0] != skip:
-                todo = [g for g in groups if g.key not in box[0]]
-                batches = pack_groups([[r.inputs for r in g.requests] for g in todo], settings.batch_tokens)
+                todo, batches = plan(groups, box[0])
         bar.set_description_str(title, refresh=False)
         return score_groups(ctx, model, todo, settings, sink, batches, bar, load_s, compile_s, ready_s, rank_start_s)
     finally:
