@@ -186,7 +186,7 @@ def hellaswag_cmd(model: Path, data: str | None, limit: int | None, bos: bool | 
     m = job.manifest
     with start(score_worker, m.tp, job.replicas, job.device, job.folder, m, job.settings) as ranks:
         run = _hellaswag_run(job, ranks, samples if owner else None, resume)
-    _hellaswag_report(job, run, output, as_json)
+        _hellaswag_report(job, run, output, as_json)   # before the finished ranks are reaped
 
 
 def _hellaswag_job(model: Path, data: str | None, limit: int | None, bos: bool | None, device: str | None,

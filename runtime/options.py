@@ -12,10 +12,12 @@ from llamafuse.formats.tokenizer import Tokenizer, read_tokenizer
 
 
 def resolve_device(name: str | None) -> str:
-    """--device as given (cuda checked to exist), or cuda if there is one."""
+    """--device as given (cuda checked to exist), or cuda if there is one. GPUs are counted through
+    NVML where it answers, which leaves this process's CUDA driver uninitialized: GPU ranks can
+    then be forked from it (`parallel._start_method`)."""
     if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
+        return "cuda" if torch.cuda.device_count() > 0 else "cpu"
+    if name == "cuda" and torch.cuda.device_count() == 0:
         raise LlamafuseError("--device cuda, but no CUDA device is available")
     return name
 

@@ -8,8 +8,10 @@ rank can load its weights and compile before its data exists. `launch` is both i
 World = replicas x tp. Ranks [r*tp, (r+1)*tp) form replica r's tensor-parallel group; each
 replica scores its own share of the batches (data parallel).
 
-Ranks started here run under torch.multiprocessing's ProcessContext, whose join raises as soon as
-one exits non-zero and ends the others. Each rank leaves a report in a private folder (rank 0's
+Ranks started here are forked from this process where that is safe (GPU ranks; see `_start_method`),
+which spares each a new interpreter and its imports, else spawned. They run under
+torch.multiprocessing's ProcessContext, whose join raises as soon as one exits non-zero and ends the
+others. Each rank leaves a report in a private folder (rank 0's
 holds the result), so however a rank ends the parent names it in one line and never waits on a
 pipe. Ranks die with the parent (PR_SET_PDEATHSIG, even when it is SIGKILLed); SIGINT or SIGTERM
 to the parent kills every rank and raises `Interrupted`; Ctrl-C in a terminal (SIGINT to the
@@ -26,6 +28,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -176,17 +179,20 @@ class _Later:
 
 
 def _entry(rank: int, world: int, tp: int, device_type: str, port: int, reports: str, parent: int,
-           launched: float) -> None:
-    """One spawned rank: run the job's worker, leave a report (kind, payload) for the parent, exit."""
+           launched: float, forked: bool) -> None:
+    """One started rank: run the job's worker, leave a report (kind, payload) for the parent, exit."""
     _die_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)    # Ctrl-C ends a rank silently; the parent reports
+    for signum in STOP_SIGNALS:   # Ctrl-C ends a rank silently, the parent reports (a forked rank had its handlers)
+        signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held back while starting, see _held_back
     # A rank starts no processes. With fork as its default, a lock it makes (tqdm makes one) is
     # unlinked at once instead of being registered with the parent's resource tracker, which
     # would warn about it on stderr when the rank is killed.
     multiprocessing.set_start_method("fork", force=True)
     os.environ.update(SAFE_ENV)
-    if device_type == "cpu":
+    if forked:    # OpenMP hangs in a child forked after the parent used its thread pool, unless it stays at one
+        torch.set_num_threads(1)
+    elif device_type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
         worker, early = _take(Path(reports), "job", rank)
@@ -211,6 +217,34 @@ def _entry(rank: int, world: int, tp: int, device_type: str, port: int, reports:
 
 
 # ---------------------------------------------------------------- in the parent
+
+
+CUDA_ERROR_NOT_INITIALIZED = 3
+
+
+def _cuda_driver_initialized() -> bool:
+    """Whether this process has initialized the CUDA driver (cuInit): before that, every driver call
+    but cuInit answers CUDA_ERROR_NOT_INITIALIZED. No driver, no CUDA: False."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return driver.cuDeviceGetCount(ctypes.byref(ctypes.c_int())) != CUDA_ERROR_NOT_INITIALIZED
+
+
+def _start_method(device_type: str) -> str:
+    """Ranks are forked where that is safe, which spares each a new interpreter and importing torch
+    (seconds with its CUDA libraries), else spawned.
+
+    Only GPU ranks, whose host work needs no intra-op threads (a child forked after the parent
+    used OpenMP's thread pool hangs in its own unless it keeps one thread, which CPU ranks cannot
+    afford); only from a single-threaded process (a lock another thread holds would stay locked
+    in the child); only before this process initialized the CUDA driver, which a forked child
+    cannot use (`options.resolve_device` counts GPUs without initializing it)."""
+    if (device_type == "cuda" and sys.platform == "linux" and threading.active_count() == 1
+            and not _cuda_driver_initialized()):
+        return "fork"
+    return "spawn"
 
 
 def _read_report(reports: Path, rank: int) -> tuple[str, Any] | None:
@@ -326,7 +360,8 @@ class _Spawned(Ranks):
 
     def run(self, *late: Any) -> Any:
         """Returns once every rank has left its report, without waiting for their teardown (the
-        process group's and the interpreter's: seconds on GPUs); `_spawn` kills what is left."""
+        process group's and the interpreter's: seconds on GPUs): they are killed now, and `_spawn`
+        reaps them when the block ends."""
         world = len(self.pc.processes)
         _publish(self.reports, "late", late, world)
         try:
@@ -336,6 +371,9 @@ class _Spawned(Ranks):
                     break
         except ProcessException as e:  # every rank has been ended and joined
             raise LlamafuseError(_failure(self.pc, self.reports, e.error_index)) from None
+        for p in self.pc.processes:   # the kernel frees their memory meanwhile (GPU memory: up to a second)
+            if p.is_alive():
+                p.kill()
         reports = [_read_report(self.reports, r) for r in range(world)]
         failed = next((r for r, (kind, _) in enumerate(reports) if kind != "ok"), None)
         if failed is not None:
@@ -345,18 +383,20 @@ class _Spawned(Ranks):
 
 @contextmanager
 def _spawn(worker: Callable[..., Any], world: int, tp: int, device_type: str, early: tuple) -> Iterator[Ranks]:
-    """Start `world` rank processes; ranks still running when the block ends are killed. Each rank
+    """Start `world` rank processes (see `_start_method`); ranks still running when the block ends are
+    killed. Each rank
     reads the job and later its late arguments from its own link to a file in the reports folder:
     passed as process arguments they would go down each rank's start pipe, and the parent would
     wait on every rank in turn to import its modules before it could start the next."""
     with tempfile.TemporaryDirectory(prefix="llamafuse-ranks-") as folder, _spawn_log_quiet():
         reports, caught, pc = Path(folder), [], None
         _publish(reports, "job", (worker, early), world)
+        method = _start_method(device_type)
         launched = time.time()
         try:
             with _held_back(caught):
-                pc = mp.start_processes(_entry, (world, tp, device_type, _free_port(), folder, os.getpid(), launched),
-                                        nprocs=world, join=False, start_method="spawn")
+                pc = mp.start_processes(_entry, (world, tp, device_type, _free_port(), folder, os.getpid(), launched,
+                                                 method == "fork"), nprocs=world, join=False, start_method=method)
             if caught:
                 raise Interrupted(caught[0])
             yield _Spawned(pc, reports, launched)

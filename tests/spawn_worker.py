@@ -34,3 +34,22 @@ def slow_exit(ctx: Context, seconds: float) -> int:
     """Returns this rank's pid, and then takes `seconds` to exit (a slow teardown)."""
     atexit.register(time.sleep, seconds)
     return os.getpid()
+
+
+MARK: str | None = None   # set by a test in its own process: a forked rank sees it, a spawned one does not
+
+
+def rank_state(ctx: Context) -> dict:
+    """What a rank inherited: its parent, MARK, its stop-signal handlers, torch's intra-op threads."""
+    import signal
+
+    import torch
+    return {"rank": ctx.rank, "parent": os.getppid(), "mark": MARK, "threads": torch.get_num_threads(),
+            "default_handlers": all(signal.getsignal(s) == signal.SIG_DFL for s in (signal.SIGINT, signal.SIGTERM))}
+
+
+def gathered_state(ctx: Context) -> list[dict]:
+    """Every rank's `rank_state`, gathered on all ranks."""
+    seen: list = [None] * ctx.world
+    dist.all_gather_object(seen, rank_state(ctx))
+    return seen

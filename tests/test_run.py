@@ -414,6 +414,95 @@ def test_results_do_not_wait_for_rank_teardown():
         os.kill(pid, 0)
 
 
+def test_gpu_ranks_are_forked_only_where_safe(monkeypatch):
+    """GPU ranks are forked from a single-threaded process whose CUDA driver is not initialized;
+    otherwise, and for CPU ranks, they are spawned. Whether the driver is initialized is asked of
+    the driver itself (CUDA_ERROR_NOT_INITIALIZED before cuInit); no driver counts as not."""
+    import ctypes
+    import threading
+
+    from llamafuse.runtime import parallel
+    initialized = [False]
+    monkeypatch.setattr(parallel, "_cuda_driver_initialized", lambda: initialized[0])
+    assert parallel._start_method("cuda") == "fork"
+    assert parallel._start_method("cpu") == "spawn"
+    initialized[0] = True
+    assert parallel._start_method("cuda") == "spawn"
+    initialized[0] = False
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert parallel._start_method("cuda") == "spawn"
+    finally:
+        stop.set()
+        other.join()
+    monkeypatch.undo()
+
+    class Driver:
+        def __init__(self, answer: int):
+            self.cuDeviceGetCount = lambda count: answer
+    for answer, expected in ((parallel.CUDA_ERROR_NOT_INITIALIZED, False), (0, True), (100, True)):
+        monkeypatch.setattr(ctypes, "CDLL", lambda name, answer=answer: Driver(answer))
+        assert parallel._cuda_driver_initialized() is expected
+    def missing(name):
+        raise OSError(name)
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    assert parallel._cuda_driver_initialized() is False
+
+
+def test_forked_ranks(monkeypatch):
+    """Forked ranks (as GPU ranks start; here on the CPU) are this process's children with its
+    modules already imported, do not inherit its stop-signal handlers (Ctrl-C ends a rank
+    silently), keep one intra-op thread (OpenMP hangs in a fork otherwise), and die with it."""
+    import spawn_worker
+
+    from llamafuse.runtime import parallel
+    monkeypatch.setattr(parallel, "_start_method", lambda device_type: "fork")
+    monkeypatch.setattr(spawn_worker, "MARK", "set in the parent")
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)   # a CPU rank would take 4 threads (as forked ranks see it)
+    states = parallel.launch(spawn_worker.gathered_state, 2, 1, "cpu")
+    assert [s["rank"] for s in states] == [0, 1]
+    for s in states:
+        assert s == {**s, "parent": os.getpid(), "mark": "set in the parent", "threads": 1, "default_handlers": True}
+    monkeypatch.setattr(parallel, "_start_method", lambda device_type: "spawn")
+    assert {s["mark"] for s in parallel.launch(spawn_worker.gathered_state, 2, 1, "cpu")} == {None}
+
+
+def test_forked_ranks_die_with_their_parent(tmp_path):
+    """A parent SIGKILLed while its forked ranks wait for their data takes them with it."""
+    script = tmp_path / "parent.py"
+    script.write_text(f"""
+import sys, time
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from pathlib import Path
+from llamafuse.runtime import parallel
+from spawn_worker import mark_then_sum
+parallel._start_method = lambda device_type: "fork"
+with parallel.start(mark_then_sum, 2, 1, "cpu", Path({str(tmp_path)!r})) as ranks:
+    time.sleep(600)
+""")
+    parent = subprocess.Popen([sys.executable, str(script)])
+    try:
+        pids = _wait_started(tmp_path, 2)
+    finally:
+        parent.kill()
+        parent.wait()
+    end = time.monotonic() + 30
+    for pid in pids:
+        while _running(pid):
+            assert time.monotonic() < end, f"forked rank {pid} outlived its parent"
+            time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def test_results_and_samples_fields(stories_runs, stories_docs, stories_sp, stories_out):
     run = stories_runs[True]
     r = run["results"]
