@@ -174,7 +174,7 @@ def score_worker(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
             model, load_s, compile_s, ready_s = ready.result()
         if ctx.world > 1:  # under torchrun only rank 0 has read the samples file: its skip counts
             box = [skip]
-            dist.broadcast_object_list(box, src=0)   # after the start-up's collectives, never beside them
+            dist.broadcast_object_list(box, src=0, group=ctx.control)   # after the start-up's, never beside them
             if box[0] != skip:
                 todo, batches = plan(groups, box[0])
         bar.set_description_str(title, refresh=False)
@@ -270,7 +270,7 @@ def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Sett
     if ctx.world == 1:
         return mine_result
     gathered: list[RunResult] | None = [mine_result] * ctx.world if ctx.is_main else None
-    dist.gather_object(mine_result, gathered, dst=0)
+    dist.gather_object(mine_result, gathered, dst=0, group=ctx.control)
     if not ctx.is_main:
         return None
     return RunResult({k: v for g in gathered for k, v in g.scores.items()},

@@ -68,6 +68,7 @@ class Context:
     replica: int
     replicas: int
     launched: float                # time.time() when the ranks were started
+    control: dist.ProcessGroup | None = None   # all ranks over gloo, for small messages (see _make_context)
 
     @property
     def is_main(self) -> bool:
@@ -84,11 +85,14 @@ def _make_context(rank: int, world: int, tp: int, device_type: str, local_rank: 
     device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
     if device_type == "cuda":
         torch.cuda.set_device(device)
-    tp_group = None
+    tp_group = control = None
     if world > 1:
         groups = [dist.new_group(list(range(r * tp, (r + 1) * tp))) for r in range(world // tp)]
         tp_group = groups[rank // tp]
-    return Context(rank, world, tp, device, tp_group, rank % tp, rank // tp, world // tp, launched)
+        # Errors, skip sets and results go over the CPU, so NCCL carries only the model's tensors and
+        # never builds a communicator of all ranks (on GPUs: a second of start-up, after loading).
+        control = dist.new_group(backend="gloo")
+    return Context(rank, world, tp, device, tp_group, rank % tp, rank // tp, world // tp, launched, control)
 
 
 def device_threads(device: torch.device, workers: int = 1) -> ThreadPoolExecutor:
@@ -110,7 +114,7 @@ def together(ctx: Context, fn: Callable[[], T]) -> T:
         error = str(e)
     if ctx.world > 1:
         errors: list[str | None] = [None] * ctx.world
-        dist.all_gather_object(errors, error)
+        dist.all_gather_object(errors, error, group=ctx.control)
         error = next((e for e in errors if e is not None), None)
     if error:
         raise LlamafuseError(error)

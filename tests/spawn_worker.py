@@ -53,3 +53,8 @@ def gathered_state(ctx: Context) -> list[dict]:
     seen: list = [None] * ctx.world
     dist.all_gather_object(seen, rank_state(ctx))
     return seen
+
+
+def control_group(ctx: Context) -> tuple[str, bool]:
+    """(backend of ctx.control, whether it is a group of its own rather than the default one)."""
+    return dist.get_backend(ctx.control), ctx.control is not dist.GroupMember.WORLD

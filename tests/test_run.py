@@ -343,6 +343,25 @@ def test_rank_threads_run_on_the_rank_device(monkeypatch):
         assert f.name == "parallel.py" or not used & {"ThreadPoolExecutor", "Thread"}, f"{f.name} starts threads"
 
 
+def test_small_messages_go_over_a_cpu_group():
+    """Errors, skip sets and results (every object collective of the runtime) go over
+    `Context.control`, a gloo group of all ranks of its own: on GPUs NCCL then carries only the
+    model's tensors and never builds a communicator of all ranks."""
+    import ast
+
+    from llamafuse.runtime import parallel
+    from spawn_worker import control_group
+    assert parallel.launch(control_group, 2, 1, "cpu") == ("gloo", True)
+    calls = 0
+    for f in Path(parallel.__file__).parent.glob("*.py"):
+        for n in ast.walk(ast.parse(f.read_text())):
+            if isinstance(n, ast.Call) and getattr(n.func, "attr", "").endswith(("_object", "_object_list")):
+                calls += 1
+                group = [ast.unparse(k.value) for k in n.keywords if k.arg == "group"]
+                assert group == ["ctx.control"], f"{f.name}:{n.lineno} {ast.unparse(n)}"
+    assert calls >= 3
+
+
 def test_spawned_ranks_read_the_job_from_a_file(monkeypatch):
     """What goes down each spawned rank's start pipe stays small whatever the job's size (the
     parent would otherwise wait on each rank in turn to import its modules before starting the
@@ -422,21 +441,15 @@ def test_gpu_ranks_are_forked_only_where_safe(monkeypatch):
     import threading
 
     from llamafuse.runtime import parallel
-    initialized = [False]
+    initialized, threads = [False], [1]
     monkeypatch.setattr(parallel, "_cuda_driver_initialized", lambda: initialized[0])
+    monkeypatch.setattr(threading, "active_count", lambda: threads[0])
     assert parallel._start_method("cuda") == "fork"
     assert parallel._start_method("cpu") == "spawn"
     initialized[0] = True
     assert parallel._start_method("cuda") == "spawn"
-    initialized[0] = False
-    stop = threading.Event()
-    other = threading.Thread(target=stop.wait)
-    other.start()
-    try:
-        assert parallel._start_method("cuda") == "spawn"
-    finally:
-        stop.set()
-        other.join()
+    initialized[0], threads[0] = False, 2
+    assert parallel._start_method("cuda") == "spawn"
     monkeypatch.undo()
 
     class Driver:
