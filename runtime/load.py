@@ -61,6 +61,9 @@ def load_rank(folder: Path, manifest: Manifest, rank: int, device: torch.device,
 
 
 def _copy_file_to_device(path: Path, device: torch.device, threads: int) -> torch.Tensor:
+    """The file's bytes in one device allocation: each thread reads chunks into its two pinned
+    buffers in turn and copies them on its own stream. Its waits sleep, leaving the CPUs to what
+    runs beside the loading (importing and running the compiler, the parent tokenizing)."""
     size = path.stat().st_size
     dev = torch.empty(size, dtype=torch.uint8, device=device)
     chunks = [(o, min(CHUNK, size - o)) for o in range(0, size, CHUNK)]
@@ -83,7 +86,7 @@ def _copy_file_to_device(path: Path, device: torch.device, threads: int) -> torc
             raise LlamafuseError(f"{path}: short read at byte {off} (file changed while loading?)")
         with torch.cuda.stream(local.stream):
             dev[off:off + n].copy_(host[:n], non_blocking=True)
-            ev = torch.cuda.Event()
+            ev = torch.cuda.Event(blocking=True)   # waited on asleep: a spinning wait keeps a core busy per thread
             ev.record(local.stream)
         local.events[k] = ev
 

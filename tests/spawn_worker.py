@@ -40,11 +40,14 @@ MARK: str | None = None   # set by a test in its own process: a forked rank sees
 
 
 def rank_state(ctx: Context) -> dict:
-    """What a rank inherited: its parent, MARK, its stop-signal handlers, torch's intra-op threads."""
+    """What a rank inherited: its parent, MARK, its stop-signal handlers, torch's intra-op threads,
+    whether the objects it inherited are frozen (out of its garbage collector's reach)."""
+    import gc
     import signal
 
     import torch
     return {"rank": ctx.rank, "parent": os.getppid(), "mark": MARK, "threads": torch.get_num_threads(),
+            "frozen": gc.get_freeze_count() > 0,
             "default_handlers": all(signal.getsignal(s) == signal.SIG_DFL for s in (signal.SIGINT, signal.SIGTERM))}
 
 

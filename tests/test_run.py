@@ -362,6 +362,39 @@ def test_small_messages_go_over_a_cpu_group():
     assert calls >= 3
 
 
+def test_gpu_loader_copies_every_byte_and_sleeps_while_it_waits(tmp_path, monkeypatch):
+    """The CUDA loader (run here with CPU stand-ins for pinned memory, streams and events) copies
+    every byte of the file through its chunks and double buffers, and waits on blocking events: a
+    spinning wait keeps a core busy per loader thread, starving the compile stack's import and the
+    compiler that run beside it on the rank."""
+    from contextlib import nullcontext
+
+    from llamafuse.runtime import load
+    made: list[bool] = []   # each event's `blocking`
+
+    class Event:   # torch.cuda.Event's signature
+        def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
+            made.append(blocking)
+
+        def record(self, stream=None) -> None:
+            pass
+
+        def synchronize(self) -> None:
+            pass
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: empty(*a, **k))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(load, "CHUNK", 1000)
+    data = os.urandom(10_500)
+    (tmp_path / "rank.safetensors").write_bytes(data)
+    out = load._copy_file_to_device(tmp_path / "rank.safetensors", torch.device("cpu"), 3)
+    assert bytes(out.numpy()) == data
+    assert len(made) == 11 and all(made)
+
+
 def test_spawned_ranks_read_the_job_from_a_file(monkeypatch):
     """What goes down each spawned rank's start pipe stays small whatever the job's size (the
     parent would otherwise wait on each rank in turn to import its modules before starting the
@@ -466,8 +499,11 @@ def test_gpu_ranks_are_forked_only_where_safe(monkeypatch):
 
 def test_forked_ranks(monkeypatch):
     """Forked ranks (as GPU ranks start; here on the CPU) are this process's children with its
-    modules already imported, do not inherit its stop-signal handlers (Ctrl-C ends a rank
-    silently), keep one intra-op thread (OpenMP hangs in a fork otherwise), and die with it."""
+    modules already imported and frozen out of their garbage collector's reach, do not inherit
+    its stop-signal handlers (Ctrl-C ends a rank silently), keep one intra-op thread (OpenMP hangs
+    in a fork otherwise)."""
+    import gc
+
     import spawn_worker
 
     from llamafuse.runtime import parallel
@@ -477,9 +513,11 @@ def test_forked_ranks(monkeypatch):
     states = parallel.launch(spawn_worker.gathered_state, 2, 1, "cpu")
     assert [s["rank"] for s in states] == [0, 1]
     for s in states:
-        assert s == {**s, "parent": os.getpid(), "mark": "set in the parent", "threads": 1, "default_handlers": True}
+        assert s == {**s, "parent": os.getpid(), "mark": "set in the parent", "threads": 1, "default_handlers": True,
+                     "frozen": True}
+    assert gc.get_freeze_count() == 0   # frozen in this process only while forking
     monkeypatch.setattr(parallel, "_start_method", lambda device_type: "spawn")
-    assert {s["mark"] for s in parallel.launch(spawn_worker.gathered_state, 2, 1, "cpu")} == {None}
+    assert {(s["mark"], s["frozen"]) for s in parallel.launch(spawn_worker.gathered_state, 2, 1, "cpu")} == {(None, False)}
 
 
 def test_forked_ranks_die_with_their_parent(tmp_path):
