@@ -8,12 +8,11 @@ rank can load its weights and compile before its data exists. `launch` is both i
 World = replicas x tp. Ranks [r*tp, (r+1)*tp) form replica r's tensor-parallel group; each
 replica scores its own share of the batches (data parallel).
 
-Ranks started here are forked from this process where that is safe (GPU ranks; see `_start_method`),
-which spares each a new interpreter and its imports, else spawned. They run under
-torch.multiprocessing's ProcessContext, whose join raises as soon as one exits non-zero and ends the
-others. Each rank leaves a report in a private folder (rank 0's
-holds the result), so however a rank ends the parent names it in one line and never waits on a
-pipe. Ranks die with the parent (PR_SET_PDEATHSIG, even when it is SIGKILLed); SIGINT or SIGTERM
+Ranks started here are forked from this process where that is safe (GPU ranks; see
+`_start_method`), which spares each a new interpreter and its imports, else spawned. They run
+under torch.multiprocessing's ProcessContext, whose join raises as soon as one exits non-zero and
+ends the others. Each rank leaves a report in a private folder (rank 0's holds the result), so
+however a rank ends the parent names it in one line and never waits on a pipe. Ranks die with the parent (PR_SET_PDEATHSIG, even when it is SIGKILLed); SIGINT or SIGTERM
 to the parent kills every rank and raises `Interrupted`; Ctrl-C in a terminal (SIGINT to the
 whole process group) ends the ranks silently.
 """
@@ -391,7 +390,7 @@ class _Spawned(Ranks):
                     break
         except ProcessException as e:  # every rank has been ended and joined
             raise LlamafuseError(_failure(self.pc, self.reports, e.error_index)) from None
-        for p in self.pc.processes:   # the kernel frees their memory meanwhile (GPU memory: up to a second)
+        for p in self.pc.processes:   # the kernel frees their memory while the caller reports
             if p.is_alive():
                 p.kill()
         reports = [_read_report(self.reports, r) for r in range(world)]
@@ -403,11 +402,11 @@ class _Spawned(Ranks):
 
 @contextmanager
 def _spawn(worker: Callable[..., Any], world: int, tp: int, device_type: str, early: tuple) -> Iterator[Ranks]:
-    """Start `world` rank processes (see `_start_method`); ranks still running when the block ends are
-    killed. Each rank
-    reads the job and later its late arguments from its own link to a file in the reports folder:
-    passed as process arguments they would go down each rank's start pipe, and the parent would
-    wait on every rank in turn to import its modules before it could start the next."""
+    """Start `world` rank processes (see `_start_method`); ranks still running when the block ends
+    are killed. Each rank reads the job and later its late arguments from its own link to a file
+    in the reports folder: passed as process arguments to spawned ranks they would go down each
+    rank's start pipe, and the parent would wait on every rank in turn to import its modules
+    before it could start the next."""
     with tempfile.TemporaryDirectory(prefix="llamafuse-ranks-") as folder, _spawn_log_quiet():
         reports, caught, pc = Path(folder), [], None
         _publish(reports, "job", (worker, early), world)

@@ -497,6 +497,25 @@ def test_gpu_ranks_are_forked_only_where_safe(monkeypatch):
     assert parallel._cuda_driver_initialized() is False
 
 
+def test_device_resolved_without_initializing_cuda(monkeypatch):
+    """--device is resolved from the GPU count (NVML where it answers), never from
+    `torch.cuda.is_available()`, whose default check initializes the CUDA driver and so would keep
+    GPU ranks from being forked; a named device that is missing is one clear error."""
+    from llamafuse.formats import LlamafuseError
+    from llamafuse.runtime.options import resolve_device
+
+    def poisons():
+        raise AssertionError("torch.cuda.is_available() initializes the CUDA driver")
+    monkeypatch.setattr(torch.cuda, "is_available", poisons)
+    gpus = [2]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus[0])
+    assert (resolve_device(None), resolve_device("cpu"), resolve_device("cuda")) == ("cuda", "cpu", "cuda")
+    gpus[0] = 0
+    assert resolve_device(None) == "cpu"
+    with pytest.raises(LlamafuseError, match="--device cuda, but no CUDA device is available"):
+        resolve_device("cuda")
+
+
 def test_forked_ranks(monkeypatch):
     """Forked ranks (as GPU ranks start; here on the CPU) are this process's children with its
     modules already imported and frozen out of their garbage collector's reach, do not inherit
