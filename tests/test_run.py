@@ -294,6 +294,26 @@ def test_replicas_match_single_process(work, stories_out, stories_runs):
     assert t["wall_s"] == pytest.approx(t["startup_s"] + t["ready_s"] + t["eval_s"] + t["other_s"], abs=0.01)
 
 
+def test_results_written_before_the_ranks_are_reaped(work, stories_out):
+    """`llama-run hellaswag` with ranks in other processes writes --output before it reaps the
+    finished ranks (which the kernel meanwhile tears down: GPU contexts take a while)."""
+    out = work / "reaped.json"
+    script = f"""
+from pathlib import Path
+from llamafuse.runtime import cli, parallel
+kill, out = parallel._kill, Path({str(out)!r})
+def seen_then_kill(pc):
+    out.with_suffix(".seen").write_text(str(out.is_file()))
+    kill(pc)
+parallel._kill = seen_then_kill
+cli.main(args=["hellaswag", {str(stories_out)!r}, "--data", {str(VAL)!r}, "--limit", "4", "--device", "cpu",
+               "--replicas", "2", "--output", str(out)], prog_name="llama-run")
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert out.with_suffix(".seen").read_text() == "True"
+
+
 def test_tp2_times_two_replicas_matches_tp1(work, big_outs, big_runs):
     """tp 2 x 2 replicas: four gloo processes, two tensor-parallel groups splitting the batches."""
     run = hellaswag(big_outs[2], work, "big-tp2-rep2", "--replicas", 2, limit=N_BIG, batch_tokens=300)
