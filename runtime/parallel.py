@@ -12,9 +12,10 @@ Ranks started here are forked from this process where that is safe (GPU ranks; s
 `_start_method`), which spares each a new interpreter and its imports, else spawned. They run
 under torch.multiprocessing's ProcessContext, whose join raises as soon as one exits non-zero and
 ends the others. Each rank leaves a report in a private folder (rank 0's holds the result), so
-however a rank ends the parent names it in one line and never waits on a pipe. Ranks die with the parent (PR_SET_PDEATHSIG, even when it is SIGKILLed); SIGINT or SIGTERM
-to the parent kills every rank and raises `Interrupted`; Ctrl-C in a terminal (SIGINT to the
-whole process group) ends the ranks silently.
+however a rank ends the parent names it in one line and never waits on a pipe. Ranks die with the
+parent (PR_SET_PDEATHSIG, even when it is SIGKILLed); SIGINT or SIGTERM to the parent kills every
+rank and raises `Interrupted`; Ctrl-C in a terminal (SIGINT to the whole process group) ends the
+ranks silently.
 """
 from __future__ import annotations
 
@@ -307,18 +308,16 @@ def _held_back(caught: list[int]) -> Iterator[None]:
 
 
 @contextmanager
-def _frozen(freeze: bool) -> Iterator[None]:
-    """Within: (if `freeze`) this process's objects sit in the garbage collector's permanent
-    generation, so a rank forked meanwhile never scans what it inherited (nor copies the pages on
-    write): its collections while it imports the compile stack look at its own objects only
-    (run 17: a rank was ready 1.2 s sooner)."""
-    if freeze:
-        gc.freeze()
+def _frozen() -> Iterator[None]:
+    """Within: this process's objects sit in the garbage collector's permanent generation, so a
+    rank forked meanwhile never scans what it inherited (nor copies the pages on write): its
+    collections while it imports the compile stack look at its own objects only (run 17: a rank
+    was ready 1.2 s sooner). A spawned rank inherits nothing either way."""
+    gc.freeze()
     try:
         yield
     finally:
-        if freeze:
-            gc.unfreeze()
+        gc.unfreeze()
 
 
 @contextmanager
@@ -413,7 +412,7 @@ def _spawn(worker: Callable[..., Any], world: int, tp: int, device_type: str, ea
         method = _start_method(device_type)
         launched = time.time()
         try:
-            with _held_back(caught), _frozen(method == "fork"):
+            with _held_back(caught), _frozen():
                 pc = mp.start_processes(_entry, (world, tp, device_type, _free_port(), folder, os.getpid(), launched,
                                                  method == "fork"), nprocs=world, join=False, start_method=method)
             if caught:
