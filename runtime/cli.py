@@ -24,7 +24,8 @@ from llamafuse.formats.tokenizer import Tokenizer
 
 from . import hellaswag
 from .attention import ATTENTION_CHOICES
-from .evaluate import Group, RunResult, Settings, check_requests, score_worker
+from .evaluate import Group, Ready, RunResult, Settings, check_requests, score_worker
+from .model import import_compile_stack
 from .options import bos_id, model_tokenizer, resolve_device, resolve_replicas
 from .parallel import Ranks, launch, launched_rank, start
 from .samples import SampleWriter, SamplesFile
@@ -128,15 +129,20 @@ def main() -> None:
 
 @dataclass(frozen=True)
 class HellaswagJob:
-    """A checked HellaSwag run, before anything is written or tokenized."""
+    """A checked HellaSwag run: what the ranks need to start."""
     folder: Path
     manifest: Manifest
     device: str
     replicas: int
+    settings: Settings
+
+
+@dataclass(frozen=True)
+class HellaswagData:
+    """The items' source, read while the ranks start."""
     docs: list[dict]          # validated rows
     tokenizer: Tokenizer      # the model's, checked against the manifest
     bos: int | None           # the BOS token put first, if any
-    settings: Settings
     data: str                 # --data as given, or the hub id
     run: dict[str, Any]       # what defines the run, recorded in the samples file
 
@@ -144,11 +150,12 @@ class HellaswagJob:
 @dataclass(frozen=True)
 class HellaswagRun:
     """What a run produced: every item's log-likelihoods and how the time went."""
+    source: HellaswagData
     items: list[hellaswag.Item]
     lls: dict[int, list[float]]   # doc id -> one log-likelihood per ending
     result: RunResult             # zeros where nothing was left to score
     startup_s: float              # process start until the ranks were started
-    data_s: float                 # reading the items' tokens (while spawned ranks start)
+    data_s: float                 # reading and tokenizing the items (while started ranks load)
     resumed: int                  # items taken from --samples
 
 
@@ -182,42 +189,47 @@ def hellaswag_cmd(model: Path, data: str | None, limit: int | None, bos: bool | 
         _check_output(samples, force or resume, "--samples", "use --resume to continue it or --force to overwrite")
         if output is not None and samples is not None and output.resolve() == samples.resolve():
             raise LlamafuseError(f"--output and --samples are the same file ({output})")
-    job = _hellaswag_job(model, data, limit, bos, device, batch_tokens, replicas, attention)
+    job = _hellaswag_job(model, device, batch_tokens, replicas, attention)
     m = job.manifest
-    with start(score_worker, m.tp, job.replicas, job.device, job.folder, m, job.settings) as ranks:
-        run = _hellaswag_run(job, ranks, samples if owner else None, resume)
+    with start(score_worker, m.tp, job.replicas, job.device, job.folder, m, job.settings,
+               inherit=import_compile_stack) as ranks:
+        run = _hellaswag_run(job, ranks, data, limit, bos, samples if owner else None, resume)
         _hellaswag_report(job, run, output, as_json)   # before the finished ranks are reaped
 
 
-def _hellaswag_job(model: Path, data: str | None, limit: int | None, bos: bool | None, device: str | None,
-                   batch_tokens: int | None, replicas: int | None, attention: str) -> HellaswagJob:
+def _hellaswag_job(model: Path, device: str | None, batch_tokens: int | None, replicas: int | None,
+                   attention: str) -> HellaswagJob:
     m = load_manifest(model)
     dev = resolve_device(device)
-    n_rep = resolve_replicas(dev, m.tp, replicas)
+    settings = Settings(batch_tokens or (16384 if dev == "cuda" else 2048), attention, label="hellaswag")
+    return HellaswagJob(model, m, dev, resolve_replicas(dev, m.tp, replicas), settings)
+
+
+def _hellaswag_data(model: Path, m: Manifest, data: str | None, limit: int | None, bos: bool | None) -> HellaswagData:
     bos_token = bos_id(m, bos)
     docs = hellaswag.load_docs(data, limit)
-    settings = Settings(batch_tokens or (16384 if dev == "cuda" else 2048), attention, label="hellaswag")
     data_id = data or hellaswag.HUB_ID
     if Path(data_id).is_file():
         data_id = f"{Path(data_id).name} sha256:{sha256_file(Path(data_id))}"
     run = {"model": hashlib.sha256((model / MANIFEST).read_bytes()).hexdigest(), "bos": bos_token is not None,
            "data": data_id, "limit": limit}
-    return HellaswagJob(model, m, dev, n_rep, docs, model_tokenizer(model, m), bos_token, settings,
-                        data or hellaswag.HUB_ID, run)
+    return HellaswagData(docs, model_tokenizer(model, m), bos_token, data or hellaswag.HUB_ID, run)
 
 
-def _hellaswag_run(job: HellaswagJob, ranks: Ranks, samples: Path | None, resume: bool) -> HellaswagRun:
-    """Tokenize the items while the ranks start, then score those not in --samples yet."""
+def _hellaswag_run(job: HellaswagJob, ranks: Ranks, data: str | None, limit: int | None, bos: bool | None,
+                   samples: Path | None, resume: bool) -> HellaswagRun:
+    """Read and tokenize the items while the ranks start, then score those not in --samples yet."""
     t0 = time.perf_counter()
-    items = hellaswag.build_items(job.docs, job.tokenizer, job.bos)
+    src = _hellaswag_data(job.folder, job.manifest, data, limit, bos)
+    items = hellaswag.build_items(src.docs, src.tokenizer, src.bos)
     groups = [it.group() for it in items]
     check_requests([r for g in groups for r in g.requests],
                    [f"hellaswag doc {g.key}" for g in groups for _ in g.requests], job.manifest.config.max_seq_len)
     data_s = time.perf_counter() - t0
-    with SamplesFile(samples, job.run, items, resume) if samples else nullcontext() as log:
+    with SamplesFile(samples, src.run, items, resume) if samples else nullcontext() as log:
         done = log.done if log else {}
         lls = dict(done)
-        result = RunResult({}, 0.0, 0.0, 0.0, 0.0, 0, job.replicas, job.device)
+        result = RunResult({}, Ready(), 0.0, 0, job.replicas, job.device)
         if len(done) < len(items) or launched_rank() is not None:  # under torchrun all ranks take part
             sink = SampleWriter(samples, {it.doc_id: it for it in items}) if samples else None
             result = ranks.run(groups, sink, frozenset(done))
@@ -225,24 +237,25 @@ def _hellaswag_run(job: HellaswagJob, ranks: Ranks, samples: Path | None, resume
                 sys.exit(0)
             lls.update({k: [ll for ll, _ in s] for k, s in result.scores.items()})
     startup_s = process_age() if ranks.launched is None else ranks.launched - (time.time() - process_age())
-    return HellaswagRun(items, lls, result, startup_s, data_s, len(done))
+    return HellaswagRun(src, items, lls, result, startup_s, data_s, len(done))
 
 
 def _hellaswag_report(job: HellaswagJob, run: HellaswagRun, output: Path | None, as_json: bool) -> None:
-    r, m = run.result, job.manifest
+    r, m, src = run.result, job.manifest, run.source
+    rd = r.ready
     metrics = hellaswag.score(run.items, [run.lls[it.doc_id] for it in run.items])
     wall = process_age()
     result = {
         "task": "hellaswag", **metrics,
-        "timing": {"wall_s": round(wall, 3), "startup_s": round(run.startup_s, 3), "ready_s": round(r.ready_s, 3),
-                   "rank_start_s": round(r.rank_start_s, 3), "load_s": round(r.load_s, 3),
-                   "compile_s": round(r.compile_s, 3), "eval_s": round(r.eval_s, 3),
-                   "other_s": round(wall - run.startup_s - r.ready_s - r.eval_s, 3), "data_s": round(run.data_s, 3),
+        "timing": {"wall_s": round(wall, 3), "startup_s": round(run.startup_s, 3), "ready_s": round(rd.total_s, 3),
+                   "rank_start_s": round(rd.rank_start_s, 3), "build_s": round(rd.build_s, 3),
+                   "load_s": round(rd.load_s, 3), "compile_s": round(rd.compile_s, 3), "eval_s": round(r.eval_s, 3),
+                   "other_s": round(wall - run.startup_s - rd.total_s - r.eval_s, 3), "data_s": round(run.data_s, 3),
                    "tokens": r.tokens, "tokens_per_s": round(r.tokens / max(r.eval_s, 1e-9), 1),
                    "items": len(run.items) - run.resumed, "resumed_items": run.resumed},
         "settings": {"model": str(job.folder), "dtype": m.dtype, "tp": m.tp, "replicas": r.replicas,
-                     "device": job.device, "bos": job.run["bos"], "batch_tokens": job.settings.batch_tokens,
-                     "attention": job.settings.attention, "data": job.data, "limit": job.run["limit"]},
+                     "device": job.device, "bos": src.run["bos"], "batch_tokens": job.settings.batch_tokens,
+                     "attention": job.settings.attention, "data": src.data, "limit": src.run["limit"]},
     }
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -253,8 +266,8 @@ def _hellaswag_report(job: HellaswagJob, run: HellaswagRun, output: Path | None,
                    f"| hellaswag | {metrics['n']:5d} | {100 * metrics['acc']:6.2f} | {100 * metrics['acc_stderr']:6.2f} "
                    f"| {100 * metrics['acc_norm']:8.2f} | {100 * metrics['acc_norm_stderr']:6.2f} |")
         click.echo(f"wall {t['wall_s']:.1f} s: start-up {t['startup_s']:.1f} s, ready {t['ready_s']:.1f} s (ranks "
-                   f"started {t['rank_start_s']:.1f} s; load {t['load_s']:.1f} s and compile {t['compile_s']:.1f} s "
-                   f"side by side), eval {t['eval_s']:.1f} s, other {t['other_s']:.1f} s; tokenizing {t['data_s']:.1f} s; "
+                   f"started {t['rank_start_s']:.1f} s; load {t['load_s']:.1f} s beside build {t['build_s']:.1f} s and "
+                   f"compile {t['compile_s']:.1f} s), eval {t['eval_s']:.1f} s, other {t['other_s']:.1f} s; data {t['data_s']:.1f} s; "
                    f"{t['tokens']:,} tokens ({t['tokens_per_s']:,.0f} tok/s) on {job.device} "
                    f"(tp {m.tp} x {r.replicas} replica(s), {m.dtype})")
     if output:

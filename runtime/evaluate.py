@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
@@ -58,18 +58,29 @@ class Settings:
 
 
 @dataclass(frozen=True)
+class Ready:
+    """How the ranks got their model ready, in seconds (across ranks: the slowest's of each)."""
+    rank_start_s: float = 0.0   # from the ranks' start until every rank ran its worker (spawned: the
+                                # interpreter, imports, the process group)
+    build_s: float = 0.0        # building the model: importing the compile stack unless inherited
+    load_s: float = 0.0         # weights onto the device
+    compile_s: float = 0.0      # compiling kernels on a filler batch, while the weights load
+    total_s: float = 0.0        # from the ranks' start until every rank's model was ready
+
+    @staticmethod
+    def slowest(ranks: Sequence[Ready]) -> Ready:
+        return Ready(*(max(getattr(r, f.name) for r in ranks) for f in fields(Ready)))
+
+
+@dataclass(frozen=True)
 class RunResult:
     """What a run returns on global rank 0."""
     scores: dict[int, list[Score]]   # group key -> one Score per request
-    load_s: float                    # weights onto the device
-    compile_s: float                 # compiling kernels on a filler batch, while the weights load
-    ready_s: float                   # from the ranks' start until every rank's model was ready
+    ready: Ready
     eval_s: float                    # all batches
     tokens: int                      # forest tokens run (filler excluded)
     replicas: int
     device: str
-    rank_start_s: float = 0.0        # from the ranks' start until every rank ran this code (spawned: the
-                                     # interpreter, imports, the process group), part of ready_s
 
 
 class Prepared(NamedTuple):
@@ -168,27 +179,26 @@ def score_worker(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
 
     try:
         with device_threads(ctx.device) as pool:
-            ready = pool.submit(_ready_model, ctx, folder, manifest, settings, bar, title)
+            readying = pool.submit(_ready_model, ctx, folder, manifest, settings, bar, title, rank_start_s)
             groups, sink, skip = later()
             todo, batches = plan(groups, skip)
-            model, load_s, compile_s, ready_s = ready.result()
+            model, ready = readying.result()
         if ctx.world > 1:  # under torchrun only rank 0 has read the samples file: its skip counts
             box = [skip]
             dist.broadcast_object_list(box, src=0, group=ctx.control)   # after the start-up's, never beside them
             if box[0] != skip:
                 todo, batches = plan(groups, box[0])
         bar.set_description_str(title, refresh=False)
-        return score_groups(ctx, model, todo, settings, sink, batches, bar, load_s, compile_s, ready_s, rank_start_s)
+        return score_groups(ctx, model, todo, settings, sink, batches, bar, ready)
     finally:
         bar.close()
 
 
 def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Settings, bar: tqdm,
-                 title: str) -> tuple[Model, float, float, float]:
+                 title: str, rank_start_s: float) -> tuple[Model, Ready]:
     """The model with its weights on the device and its kernels compiled: a thread reads the
-    weights while this one builds the model and compiles on placeholder weights, so loading,
-    importing the compile stack and compiling overlap. (model, load_s, compile_s, ready_s: from
-    the ranks' start)."""
+    weights while this one builds the model (importing the compile stack, unless the ranks
+    inherited it) and compiles on placeholder weights, so loading overlaps both."""
     check_device(ctx, manifest)
     t0 = time.perf_counter()
 
@@ -201,6 +211,7 @@ def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
     with device_threads(ctx.device) as pool:
         loading = pool.submit(load)
         model = new_model(ctx, manifest, settings.attention)
+        build_s = time.perf_counter() - t0
         compile_s = 0.0
         if model.compiles:
             bar.set_description_str(f"{title}: loading weights and compiling (minutes on a fresh machine, "
@@ -211,12 +222,12 @@ def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
                 torch.cuda.synchronize(ctx.device)
             compile_s = time.perf_counter() - t1
         model.w, load_s = together(ctx, loading.result)   # after every rank compiled: collectives matched
-    return model, load_s, compile_s, time.time() - ctx.launched
+    return model, Ready(rank_start_s, build_s, load_s, compile_s, time.time() - ctx.launched)
 
 
 def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Settings, sink: Sink | None = None,
-                 batches: list[list[int]] | None = None, bar: tqdm | None = None, load_s: float = 0.0,
-                 compile_s: float = 0.0, ready_s: float = 0.0, rank_start_s: float = 0.0) -> RunResult | None:
+                 batches: list[list[int]] | None = None, bar: tqdm | None = None,
+                 ready: Ready = Ready()) -> RunResult | None:
     """Score this replica's share of `batches` (indices of `groups`; packed here if None);
     global rank 0 gets everyone's scores."""
     pad_to = settings.batch_tokens if model.attention.fixed_shape else None
@@ -265,8 +276,8 @@ def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Sett
     finally:
         if own_bar:
             bar.close()
-    mine_result = RunResult(scores if leader else {}, load_s, compile_s, ready_s, time.perf_counter() - t1,
-                            done_tokens if leader else 0, ctx.replicas, str(ctx.device), rank_start_s)
+    mine_result = RunResult(scores if leader else {}, ready, time.perf_counter() - t1,
+                            done_tokens if leader else 0, ctx.replicas, str(ctx.device))
     if ctx.world == 1:
         return mine_result
     gathered: list[RunResult] | None = [mine_result] * ctx.world if ctx.is_main else None
@@ -274,10 +285,8 @@ def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Sett
     if not ctx.is_main:
         return None
     return RunResult({k: v for g in gathered for k, v in g.scores.items()},
-                     max(g.load_s for g in gathered), max(g.compile_s for g in gathered),
-                     max(g.ready_s for g in gathered), max(g.eval_s for g in gathered),
-                     sum(g.tokens for g in gathered), ctx.replicas, str(ctx.device),
-                     max(g.rank_start_s for g in gathered))
+                     Ready.slowest([g.ready for g in gathered]), max(g.eval_s for g in gathered),
+                     sum(g.tokens for g in gathered), ctx.replicas, str(ctx.device))
 
 
 def _split(groups: Sequence[Group], flat: list[list[float]]) -> list[list[Score]]:

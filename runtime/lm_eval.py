@@ -33,6 +33,7 @@ from llamafuse.formats.errors import one_line
 from llamafuse.formats.tokenizer import Tokenizer
 
 from .evaluate import Group, Request, Score, Settings, check_requests, score_worker
+from .model import import_compile_stack
 from .options import bos_id, model_tokenizer, resolve_device, resolve_replicas
 from .packing import pack_groups, prefix_forest
 from .parallel import Ranks, launched_rank, start
@@ -197,8 +198,8 @@ class LlamafuseLM(TemplateLM):
         with self._ranks() as ranks:
             result = ranks.run(groups, None, frozenset())
         self.calls.append(CallStats(request_type, len(requests), result.tokens, hf_tokens(requests),
-                                    sum(len(r.inputs) for r in requests), result.load_s, result.compile_s,
-                                    result.ready_s, result.eval_s))
+                                    sum(len(r.inputs) for r in requests), result.ready.load_s,
+                                    result.ready.compile_s, result.ready.total_s, result.eval_s))
         return [score for g in groups for score in result.scores[g.key]]
 
     @contextmanager
@@ -226,7 +227,7 @@ class LlamafuseLM(TemplateLM):
     def _start(self) -> AbstractContextManager[Ranks]:
         settings = Settings(self.batch_tokens, self.attention, label="lm-eval", unit="context")
         return start(score_worker, self.manifest.tp, self.replicas, self.device_type, self.folder, self.manifest,
-                     settings)
+                     settings, inherit=import_compile_stack)
 
     def get_model_info(self) -> dict[str, Any]:
         """Recorded in the harness's results under `config`."""

@@ -7,8 +7,9 @@ in a fresh process with an empty compile cache (cold) and again with the cache i
 Weights are random (matrices ~ N(0, 1/fan_in)), drawn on the GPU and written by llama-convert's
 writer (hashes, manifest and all), unless --folder already holds a converted model. A cold run
 empties the compile cache (beside the folder) first; a warm one uses what the last run left;
-`--runs ""` only converts. Each run's results.json timing (wall time from process start
-and its parts) and the wall time seen from outside go to DIR/e2e.json.
+`--runs ""` only converts; a run named cold* is cold, any other name (warm, warm2) warm. Each
+run's results.json timing (wall time from process start and its parts) and the wall time seen
+from outside go to DIR/e2e.json, its stderr to DIR/NAME.log.
 """
 from __future__ import annotations
 
@@ -61,14 +62,15 @@ def run_cli(folder: Path, args: argparse.Namespace, cache: Path, name: str) -> d
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     outside = time.perf_counter() - t0
+    (args.out / f"{name}.log").write_text(p.stderr)
     print(p.stdout, p.stderr[-1500:], sep="\n", flush=True)
     if p.returncode != 0:
         return {"error": p.stderr[-2000:], "returncode": p.returncode}
     r = json.loads(results.read_text())
     t = r["timing"]
     print(f"{name}: wall {t['wall_s']:.1f} s (outside {outside:.1f} s) = start-up {t['startup_s']:.1f} + ready "
-          f"{t['ready_s']:.1f} (ranks started {t['rank_start_s']:.1f}; load {t['load_s']:.1f} | compile "
-          f"{t['compile_s']:.1f}) + eval {t['eval_s']:.1f} "
+          f"{t['ready_s']:.1f} (ranks started {t['rank_start_s']:.1f}; load {t['load_s']:.1f} | build "
+          f"{t['build_s']:.1f} + compile {t['compile_s']:.1f}) + eval {t['eval_s']:.1f} "
           f"+ other {t['other_s']:.1f}; "
           f"wall / eval {t['wall_s'] / t['eval_s']:.3f}", flush=True)
     return {"timing": t, "outside_wall_s": outside, "acc": r["acc"], "acc_norm": r["acc_norm"]}
@@ -101,7 +103,7 @@ def main() -> None:
     torch.cuda.empty_cache()
     cache = args.folder.parent / "compile-cache"
     for name in filter(None, args.runs.split(",")):
-        if name == "cold":
+        if name.startswith("cold"):
             shutil.rmtree(cache, ignore_errors=True)
         report[name] = run_cli(args.folder, args, cache, name)
         save()

@@ -110,7 +110,7 @@ def test_float8_refused_before_loading(monkeypatch, tmp_path: Path, stories_meta
     ctx = Context(0, 1, 1, torch.device("cuda", 0), None, 0, 0, 1, time.time())
     with pytest.raises(LlamafuseError, match="FP8 matrix units"):
         evaluate._ready_model(ctx, out, load_manifest(out), evaluate.Settings(64, progress=False),
-                              tqdm(disable=True), "hellaswag")
+                              tqdm(disable=True), "hellaswag", 0.0)
     assert not reads
 
 
