@@ -414,6 +414,7 @@ def lm_eval_cmd(model: Path, tasks: str, num_fewshot: int | None, limit: int | N
     except ImportError as e:
         raise LlamafuseError(f"lm-evaluation-harness is not installed ({e}); "
                              "pip install 'llamafuse[lm-eval]'") from None
+    tqdm.monitor_interval = 0   # no monitor thread: GPU ranks are forked only from a single-threaded process
     job = backend.prepare(model, tasks, include_path, device, batch_tokens, replicas, attention)
     results = backend.run(job, num_fewshot, limit, log_samples, output_path)
     click.echo(backend.report(job, results, num_fewshot, limit))

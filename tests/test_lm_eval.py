@@ -366,6 +366,33 @@ def test_cli_hellaswag_matches_llama_run_hellaswag(ours_sp, work, data_dir):
         assert harness[f"{k}_stderr,none"] == pytest.approx(ours[f"{k}_stderr"], abs=1e-12), k
 
 
+def test_cli_starts_its_ranks_from_one_thread(ours_sp):
+    """`llama-run lm-eval` (the real command, in its own process) keeps tqdm's monitor thread from
+    starting (the harness's progress bars start it while it loads the tasks), so this process runs
+    one thread whenever it starts ranks (here 2 CPU replicas): what forking GPU ranks needs
+    (`parallel._start_method`)."""
+    script = f"""
+import json, threading
+from llamafuse.runtime import cli, parallel
+seen, real = [], parallel._start_method
+def spy(device_type):
+    seen.append(sorted(t.name for t in threading.enumerate()))
+    return real(device_type)
+parallel._start_method = spy
+try:
+    cli.main(["lm-eval", {str(ours_sp)!r}, "--include-path", {str(TASKS)!r}, "--tasks", "arc_easy_local",
+              "--limit", "4", "--device", "cpu", "--replicas", "2"], standalone_mode=False)
+finally:
+    print("STARTS " + json.dumps(seen))
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0, p.stderr
+    assert "|arc_easy_local|" in p.stdout
+    starts = json.loads(p.stdout.split("STARTS ")[-1])
+    assert starts and all(threads == ["MainThread"] for threads in starts), starts
+
+
 @pytest.fixture()
 def no_model(monkeypatch, tm):
     """Fail the test if the engine runs (ranks may be started ahead: no rank process here, and
