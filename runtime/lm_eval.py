@@ -206,7 +206,8 @@ class LlamafuseLM(TemplateLM):
     def ranks_ahead(self) -> Iterator[None]:
         """Within: the ranks for the next engine run are started now, so ranks in processes of
         their own (tp or replicas) load the weights and compile while the harness builds its
-        requests; a rank running in this process starts at the call as always. Killed at the end if unused."""
+        requests; a rank running in this process starts at the call as always. Killed at the end
+        if unused."""
         with self._start() as ranks:
             self._ahead = ranks
             try:
