@@ -172,7 +172,7 @@ def _take(reports: Path, name: str, rank: int, wait: bool = False) -> Any:
 
 @dataclass
 class _Later:
-    """A spawned rank's late arguments, waited for and read on the first call."""
+    """A started rank's late arguments, waited for and read on the first call."""
     reports: Path
     rank: int
     args: tuple | None = None
@@ -370,16 +370,16 @@ class _InProcess(Ranks):
                 dist.destroy_process_group()
 
 
-class _Spawned(Ranks):
-    """Rank processes started by `_spawn`, waiting for their late arguments."""
+class _Started(Ranks):
+    """Rank processes started by `_start_processes`, waiting for their late arguments."""
 
     def __init__(self, pc: ProcessContext, reports: Path, launched: float):
         self.pc, self.reports, self.launched = pc, reports, launched
 
     def run(self, *late: Any) -> Any:
         """Returns once every rank has left its report, without waiting for their teardown (the
-        process group's and the interpreter's: seconds on GPUs): they are killed now, and `_spawn`
-        reaps them when the block ends."""
+        process group's and the interpreter's: seconds on GPUs): they are killed now, and
+        `_start_processes` reaps them when the block ends."""
         world = len(self.pc.processes)
         _publish(self.reports, "late", late, world)
         try:
@@ -400,7 +400,7 @@ class _Spawned(Ranks):
 
 
 @contextmanager
-def _spawn(worker: Callable[..., Any], world: int, tp: int, device_type: str, early: tuple,
+def _start_processes(worker: Callable[..., Any], world: int, tp: int, device_type: str, early: tuple,
            inherit: Callable[[], None] | None = None) -> Iterator[Ranks]:
     """Start `world` rank processes (see `_start_method`; `inherit` runs first where they fork, and
     if it left this process unsafe to fork they are spawned); ranks still running when the block ends
@@ -422,7 +422,7 @@ def _spawn(worker: Callable[..., Any], world: int, tp: int, device_type: str, ea
                                                  method == "fork"), nprocs=world, join=False, start_method=method)
             if caught:
                 raise Interrupted(caught[0])
-            yield _Spawned(pc, reports, launched)
+            yield _Started(pc, reports, launched)
         finally:
             if pc is not None:
                 _kill(pc)
@@ -442,15 +442,15 @@ def start(worker: Callable[..., Any], tp: int, replicas: int, device_type: str, 
     block ends are killed. `inherit()` runs here just before ranks are forked, never when they are
     spawned or run in this process: work every rank would do (imports), done once for all of them.
 
-    Under torchrun (WORLD_SIZE set) this process is one rank; otherwise the ranks are spawned here
-    now (or, for a single rank, run in this process when `run` is called).
+    Under torchrun (WORLD_SIZE set) this process is one rank; otherwise the ranks are started here
+    now, forked or spawned (or, for a single rank, run in this process when `run` is called).
     """
     os.environ.update(SAFE_ENV)
     with interrupts():
         if launched_rank() is not None or tp * replicas == 1:
             yield _InProcess(worker, early, device_type, tp)
         else:
-            with _spawn(worker, tp * replicas, tp, device_type, early, inherit) as ranks:
+            with _start_processes(worker, tp * replicas, tp, device_type, early, inherit) as ranks:
                 yield ranks
 
 
