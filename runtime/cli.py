@@ -24,8 +24,7 @@ from llamafuse.formats.tokenizer import Tokenizer
 
 from . import hellaswag
 from .attention import ATTENTION_CHOICES
-from .evaluate import Group, Ready, RunResult, Settings, check_requests, score_worker
-from .model import import_compile_stack
+from .evaluate import Ready, RunResult, Settings, check_requests, score_worker
 from .options import bos_id, model_tokenizer, resolve_device, resolve_replicas
 from .parallel import Ranks, launch, launched_rank, start
 from .samples import SampleWriter, SamplesFile
@@ -191,8 +190,7 @@ def hellaswag_cmd(model: Path, data: str | None, limit: int | None, bos: bool | 
             raise LlamafuseError(f"--output and --samples are the same file ({output})")
     job = _hellaswag_job(model, device, batch_tokens, replicas, attention)
     m = job.manifest
-    with start(score_worker, m.tp, job.replicas, job.device, job.folder, m, job.settings,
-               inherit=import_compile_stack) as ranks:
+    with start(score_worker, m.tp, job.replicas, job.device, job.folder, m, job.settings) as ranks:
         run = _hellaswag_run(job, ranks, data, limit, bos, samples if owner else None, resume)
         _hellaswag_report(job, run, output, as_json)   # before the finished ranks are reaped
 

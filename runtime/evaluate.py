@@ -62,7 +62,7 @@ class Ready:
     """How the ranks got their model ready, in seconds (across ranks: the slowest's of each)."""
     rank_start_s: float = 0.0   # from the ranks' start until every rank ran its worker (spawned: the
                                 # interpreter, imports, the process group)
-    build_s: float = 0.0        # building the model: importing the compile stack unless inherited
+    build_s: float = 0.0        # building the model (importing the compile stack where it compiles)
     load_s: float = 0.0         # weights onto the device
     compile_s: float = 0.0      # compiling kernels on a filler batch, while the weights load
     total_s: float = 0.0        # from the ranks' start until every rank's model was ready
@@ -197,8 +197,8 @@ def score_worker(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
 def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Settings, bar: tqdm,
                  title: str, rank_start_s: float) -> tuple[Model, Ready]:
     """The model with its weights on the device and its kernels compiled: a thread reads the
-    weights while this one builds the model (importing the compile stack, unless the ranks
-    inherited it) and compiles on placeholder weights, so loading overlaps both."""
+    weights while this one builds the model (importing the compile stack) and compiles on
+    placeholder weights, so loading overlaps both."""
     check_device(ctx, manifest)
     t0 = time.perf_counter()
 

@@ -33,7 +33,6 @@ from llamafuse.formats.errors import one_line
 from llamafuse.formats.tokenizer import Tokenizer
 
 from .evaluate import Group, Request, Score, Settings, check_requests, score_worker
-from .model import import_compile_stack
 from .options import bos_id, model_tokenizer, resolve_device, resolve_replicas
 from .packing import pack_groups, prefix_forest
 from .parallel import Ranks, launched_rank, start
@@ -228,7 +227,7 @@ class LlamafuseLM(TemplateLM):
     def _start(self) -> AbstractContextManager[Ranks]:
         settings = Settings(self.batch_tokens, self.attention, label="lm-eval", unit="context")
         return start(score_worker, self.manifest.tp, self.replicas, self.device_type, self.folder, self.manifest,
-                     settings, inherit=import_compile_stack)
+                     settings)
 
     def get_model_info(self) -> dict[str, Any]:
         """Recorded in the harness's results under `config`."""

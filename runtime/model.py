@@ -46,28 +46,6 @@ def compile_in_process() -> None:
         torch._inductor.config.compile_threads = 1
 
 
-NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
-
-
-def import_compile_stack() -> None:
-    """Import what compiling a block on a GPU imports (dynamo, inductor, Triton: 2.4 s on the H200
-    machines' CPUs, run 19) without initializing the CUDA driver, so that GPU ranks forked
-    afterwards share it (a forked child cannot use a driver its parent initialized). Inductor asks
-    `torch.cuda.is_available()` as it is imported, whose default check initializes the driver;
-    through NVML it does not (run 19)."""
-    saved = os.environ.get(NVML_CHECK)
-    os.environ[NVML_CHECK] = "1"
-    try:
-        import torch._dynamo  # noqa: F401
-        import torch._inductor.compile_fx  # noqa: F401
-        import torch.nn.attention.flex_attention  # noqa: F401
-    finally:
-        if saved is None:
-            del os.environ[NVML_CHECK]
-        else:
-            os.environ[NVML_CHECK] = saved
-
-
 class Model:
     """One rank's share of the model; `group` is its tensor-parallel process group (or None).
     `tensors` (the rank file's, by name) may be set as `.w` after compiling (see `warm_up`)."""

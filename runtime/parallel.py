@@ -400,11 +400,10 @@ class _Started(Ranks):
 
 
 @contextmanager
-def _start_processes(worker: Callable[..., Any], world: int, tp: int, device_type: str, early: tuple,
-           inherit: Callable[[], None] | None = None) -> Iterator[Ranks]:
-    """Start `world` rank processes (see `_start_method`; `inherit` runs first where they fork, and
-    if it left this process unsafe to fork they are spawned); ranks still running when the block ends
-    are killed. Each rank reads the job and later its late arguments from its own link to a file
+def _start_processes(worker: Callable[..., Any], world: int, tp: int, device_type: str,
+                     early: tuple) -> Iterator[Ranks]:
+    """Start `world` rank processes (forked or spawned: see `_start_method`); ranks still running
+    when the block ends are killed. Each rank reads the job and later its late arguments from its own link to a file
     in the reports folder: passed as process arguments to spawned ranks they would go down each
     rank's start pipe, and the parent would wait on every rank in turn to import its modules
     before it could start the next."""
@@ -412,9 +411,6 @@ def _start_processes(worker: Callable[..., Any], world: int, tp: int, device_typ
         reports, caught, pc = Path(folder), [], None
         _publish(reports, "job", (worker, early), world)
         method = _start_method(device_type)
-        if method == "fork" and inherit is not None:
-            inherit()
-            method = _start_method(device_type)
         launched = time.time()
         try:
             with _held_back(caught), _frozen():
@@ -434,13 +430,11 @@ def launched_rank() -> int | None:
 
 
 @contextmanager
-def start(worker: Callable[..., Any], tp: int, replicas: int, device_type: str, *early: Any,
-          inherit: Callable[[], None] | None = None) -> Iterator[Ranks]:
+def start(worker: Callable[..., Any], tp: int, replicas: int, device_type: str, *early: Any) -> Iterator[Ranks]:
     """Start the ranks for `worker(ctx, *early, later)`; `.run(*late)` on what this yields finishes
     the job. A LlamafuseError on any rank, or any rank failing, raises LlamafuseError from `run`;
     SIGINT or SIGTERM raises Interrupted once every rank is gone; ranks still running when the
-    block ends are killed. `inherit()` runs here just before ranks are forked, never when they are
-    spawned or run in this process: work every rank would do (imports), done once for all of them.
+    block ends are killed.
 
     Under torchrun (WORLD_SIZE set) this process is one rank; otherwise the ranks are started here
     now, forked or spawned (or, for a single rank, run in this process when `run` is called).
@@ -450,7 +444,7 @@ def start(worker: Callable[..., Any], tp: int, replicas: int, device_type: str, 
         if launched_rank() is not None or tp * replicas == 1:
             yield _InProcess(worker, early, device_type, tp)
         else:
-            with _start_processes(worker, tp * replicas, tp, device_type, early, inherit) as ranks:
+            with _start_processes(worker, tp * replicas, tp, device_type, early) as ranks:
                 yield ranks
 
 

@@ -366,22 +366,6 @@ def test_cli_hellaswag_matches_llama_run_hellaswag(ours_sp, work, data_dir):
         assert harness[f"{k}_stderr,none"] == pytest.approx(ours[f"{k}_stderr"], abs=1e-12), k
 
 
-def test_forked_ranks_inherit_the_compile_stack(ours_512, monkeypatch):
-    """Every engine run's ranks are started with `inherit=import_compile_stack`, so forked GPU
-    ranks share the parent's import of it (as `llama-run hellaswag`'s do)."""
-    from llamafuse.runtime.model import import_compile_stack
-    seen: list = []
-
-    @contextmanager
-    def start(*args, **kwargs):
-        seen.append(kwargs.get("inherit"))
-        yield None
-    monkeypatch.setattr(backend, "start", start)
-    with LlamafuseLM(ours_512, device="cpu")._start():
-        pass
-    assert seen == [import_compile_stack]
-
-
 def test_cli_starts_its_ranks_from_one_thread(ours_sp):
     """`llama-run lm-eval` (the real command, in its own process) keeps tqdm's monitor thread from
     starting (the harness's progress bars start it while it loads the tasks), so this process runs

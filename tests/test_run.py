@@ -446,79 +446,26 @@ def _wait_started(folder: Path, world: int) -> list[int]:
 
 def test_hellaswag_reads_its_data_once_the_ranks_started(stories_out, monkeypatch):
     """`llama-run hellaswag` starts its ranks (they load and compile meanwhile) before it reads,
-    checks and tokenizes the data, and has forked ranks inherit the compile stack's imports."""
+    checks and tokenizes the data."""
     from contextlib import contextmanager
 
     from click.testing import CliRunner
 
     from llamafuse.runtime import cli, hellaswag as task
-    from llamafuse.runtime.model import import_compile_stack
     events: list = []
     real_start, real_load = cli.start, task.load_docs
 
     @contextmanager
     def start(*args, **kwargs):
-        events.append(("start", kwargs.get("inherit")))
+        events.append("start")
         with real_start(*args, **kwargs) as ranks:
             yield ranks
     monkeypatch.setattr(cli, "start", start)
-    monkeypatch.setattr(task, "load_docs", lambda *a: (events.append(("read", None)), real_load(*a))[1])
+    monkeypatch.setattr(task, "load_docs", lambda *a: (events.append("read"), real_load(*a))[1])
     r = CliRunner().invoke(cli.main, ["hellaswag", str(stories_out), "--data", str(VAL), "--limit", "2",
                                       "--device", "cpu"])
     assert r.exit_code == 0, r.output
-    assert events == [("start", import_compile_stack), ("read", None)]
-
-
-def test_forked_ranks_inherit_what_the_parent_prepared(monkeypatch):
-    """`start(..., inherit=f)` calls f just before it forks the ranks, which see what f did; never
-    when they are spawned; and when f left this process unsafe to fork, they are spawned."""
-    import spawn_worker
-
-    from llamafuse.runtime import parallel
-    calls: list = []
-
-    def prepare():
-        calls.append(1)
-        spawn_worker.MARK = "inherited"
-    monkeypatch.setattr(spawn_worker, "MARK", None)
-
-    def marks(*methods: str) -> set:
-        answers = iter(methods)
-        monkeypatch.setattr(parallel, "_start_method", lambda device_type: next(answers))
-        with parallel.start(parallel._AllNow(spawn_worker.gathered_state), 2, 1, "cpu", inherit=prepare) as ranks:
-            return {s["mark"] for s in ranks.run()}
-    assert marks("fork", "fork") == {"inherited"} and len(calls) == 1
-    monkeypatch.setattr(spawn_worker, "MARK", None)
-    assert marks("spawn") == {None} and len(calls) == 1
-    assert marks("fork", "spawn") == {None} and len(calls) == 2   # f ran, then forking was unsafe
-
-
-def test_compile_stack_imported_without_initializing_cuda():
-    """`import_compile_stack` imports dynamo, inductor and FlexAttention with torch's CUDA check
-    going through NVML (inductor asks `torch.cuda.is_available()` as it is imported, which otherwise
-    initializes the CUDA driver, and forked GPU ranks could not use it), then restores the
-    environment. Run in a fresh interpreter, where none of it is imported yet."""
-    code = """
-import importlib.abc, json, os, sys
-from llamafuse.runtime.model import NVML_CHECK, import_compile_stack
-seen = set()
-class Spy(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.startswith(("torch._dynamo", "torch._inductor", "torch.nn.attention")):
-            seen.add(os.environ.get(NVML_CHECK))
-        return None
-sys.meta_path.insert(0, Spy())
-stack = ("torch._dynamo", "torch._inductor.compile_fx", "torch.nn.attention.flex_attention")
-before = [m in sys.modules for m in stack]
-import_compile_stack()
-print(json.dumps({"before": before, "after": [m in sys.modules for m in stack], "seen": sorted(seen, key=str),
-                  "env": os.environ.get(NVML_CHECK)}))
-"""
-    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_NVML_BASED_CUDA_CHECK"}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert p.returncode == 0, p.stderr
-    r = json.loads(p.stdout.strip().splitlines()[-1])
-    assert r == {"before": [False] * 3, "after": [True] * 3, "seen": ["1"], "env": None}
+    assert events == ["start", "read"]
 
 
 def test_spawned_ranks_start_before_their_data(tmp_path):
