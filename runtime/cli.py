@@ -24,7 +24,7 @@ from llamafuse.formats.tokenizer import Tokenizer
 
 from . import hellaswag
 from .attention import ATTENTION_CHOICES
-from .evaluate import Ready, RunResult, Settings, check_requests, score_worker
+from .evaluate import Ready, RunResult, Settings, check_requests, plan, score_worker
 from .options import bos_id, model_tokenizer, resolve_device, resolve_replicas
 from .parallel import Ranks, launch, launched_rank, start
 from .samples import SampleWriter, SamplesFile
@@ -154,7 +154,7 @@ class HellaswagRun:
     lls: dict[int, list[float]]   # doc id -> one log-likelihood per ending
     result: RunResult             # zeros where nothing was left to score
     startup_s: float              # process start until the ranks were started
-    data_s: float                 # reading and tokenizing the items (while started ranks load)
+    data_s: float                 # reading, tokenizing and packing the items (while started ranks load)
     resumed: int                  # items taken from --samples
 
 
@@ -216,7 +216,7 @@ def _hellaswag_data(model: Path, m: Manifest, data: str | None, limit: int | Non
 
 def _hellaswag_run(job: HellaswagJob, ranks: Ranks, data: str | None, limit: int | None, bos: bool | None,
                    samples: Path | None, resume: bool) -> HellaswagRun:
-    """Read and tokenize the items while the ranks start, then score those not in --samples yet."""
+    """Read, tokenize and plan the items while the ranks start, then score those not in --samples yet."""
     t0 = time.perf_counter()
     src = _hellaswag_data(job.folder, job.manifest, data, limit, bos)
     items = hellaswag.build_items(src.docs, src.tokenizer, src.bos)
@@ -230,7 +230,10 @@ def _hellaswag_run(job: HellaswagJob, ranks: Ranks, data: str | None, limit: int
         result = RunResult({}, Ready(), 0.0, 0, job.replicas, job.device)
         if len(done) < len(items) or launched_rank() is not None:  # under torchrun all ranks take part
             sink = SampleWriter(samples, {it.doc_id: it for it in items}) if samples else None
-            result = ranks.run(groups, sink, frozenset(done))
+            t1 = time.perf_counter()
+            work = plan(groups, frozenset(done), job.settings.batch_tokens, sink)
+            data_s += time.perf_counter() - t1
+            result = ranks.run(work)
             if result is None:  # a non-zero rank under torchrun: rank 0 reports
                 sys.exit(0)
             lls.update({k: [ll for ll, _ in s] for k, s in result.scores.items()})

@@ -32,7 +32,7 @@ from llamafuse.formats import LlamafuseError, load_manifest
 from llamafuse.formats.errors import one_line
 from llamafuse.formats.tokenizer import Tokenizer
 
-from .evaluate import Group, Request, Score, Settings, check_requests, score_worker
+from .evaluate import Group, Request, Score, Settings, check_requests, plan, score_worker
 from .options import bos_id, model_tokenizer, resolve_device, resolve_replicas
 from .packing import pack_groups, prefix_forest
 from .parallel import Ranks, launched_rank, start
@@ -195,7 +195,7 @@ class LlamafuseLM(TemplateLM):
         check_requests(requests, names, self.max_length)
         groups = by_context(requests)
         with self._ranks() as ranks:
-            result = ranks.run(groups, None, frozenset())
+            result = ranks.run(plan(groups, frozenset(), self.batch_tokens))
         self.calls.append(CallStats(request_type, len(requests), result.tokens, hf_tokens(requests),
                                     sum(len(r.inputs) for r in requests), result.ready.load_s,
                                     result.ready.compile_s, result.ready.total_s, result.eval_s))

@@ -468,6 +468,39 @@ def test_hellaswag_reads_its_data_once_the_ranks_started(stories_out, monkeypatc
     assert events == ["start", "read"]
 
 
+def test_ranks_score_the_batches_their_caller_planned(stories_out, monkeypatch):
+    """`score_worker` scores the `Work`'s batches as the caller packed them (`evaluate.plan`, in the
+    command's process while the ranks load) and packs nothing itself; the scores do not depend on
+    the packing."""
+    from llamafuse.formats import load_manifest
+    from llamafuse.formats.tokenizer import read_tokenizer
+    from llamafuse.runtime import evaluate
+    from llamafuse.runtime.hellaswag import build_items, load_docs
+    from llamafuse.runtime.packing import prefix_forest
+    from llamafuse.runtime.parallel import Context
+
+    m = load_manifest(stories_out)
+    items = build_items(load_docs(str(VAL), 12), read_tokenizer(stories_out / "tokenizer.model", 512), 1)
+    groups = [it.group() for it in items]
+    settings = evaluate.Settings(4096, progress=False)
+    packed = evaluate.plan(groups, frozenset({groups[0].key}), settings.batch_tokens)
+    assert [g.key for g in packed.groups] == [g.key for g in groups[1:]] and len(packed.batches) == 1
+    alone = evaluate.Work(packed.groups, [[i] for i in range(len(packed.groups))], packed.skip)
+
+    def run(work: evaluate.Work) -> evaluate.RunResult:
+        ctx = Context(0, 1, 1, torch.device("cpu"), None, 0, 0, 1, time.time())
+        return evaluate.score_worker(ctx, stories_out, m, settings, lambda: (work,))
+    whole = run(packed)
+    monkeypatch.setattr(evaluate, "pack_groups", lambda *a, **k: pytest.fail("a rank packed"))
+    one_each = run(alone)
+    forest = lambda gs: len(prefix_forest([r.inputs for g in gs for r in g.requests]))  # noqa: E731
+    assert whole.tokens == forest(packed.groups)
+    assert one_each.tokens == sum(forest([g]) for g in packed.groups) > whole.tokens
+    assert sorted(one_each.scores) == sorted(whole.scores) == [g.key for g in groups[1:]]
+    for k, s in whole.scores.items():
+        assert [ll for ll, _ in one_each.scores[k]] == pytest.approx([ll for ll, _ in s], abs=SAME_TOL)
+
+
 def test_spawned_ranks_start_before_their_data(tmp_path):
     """`start` starts the ranks at once: every rank is running before `run` hands them the data
     (llama-run tokenizes meanwhile), and then every rank gets it."""
