@@ -250,7 +250,8 @@ def _hellaswag_report(job: HellaswagJob, run: HellaswagRun, output: Path | None,
         "task": "hellaswag", **metrics,
         "timing": {"wall_s": round(wall, 3), "startup_s": round(run.startup_s, 3), "ready_s": round(rd.total_s, 3),
                    "rank_start_s": round(rd.rank_start_s, 3), "build_s": round(rd.build_s, 3),
-                   "load_s": round(rd.load_s, 3), "compile_s": round(rd.compile_s, 3), "eval_s": round(r.eval_s, 3),
+                   "load_s": round(rd.load_s, 3), "swap_s": round(rd.swap_s, 3), "compile_s": round(rd.compile_s, 3),
+                   "eval_s": round(r.eval_s, 3),
                    "other_s": round(wall - run.startup_s - rd.total_s - r.eval_s, 3), "data_s": round(run.data_s, 3),
                    "tokens": r.tokens, "tokens_per_s": round(r.tokens / max(r.eval_s, 1e-9), 1),
                    "items": len(run.items) - run.resumed, "resumed_items": run.resumed},
@@ -268,7 +269,7 @@ def _hellaswag_report(job: HellaswagJob, run: HellaswagRun, output: Path | None,
                    f"| {100 * metrics['acc_norm']:8.2f} | {100 * metrics['acc_norm_stderr']:6.2f} |")
         click.echo(f"wall {t['wall_s']:.1f} s: start-up {t['startup_s']:.1f} s, ready {t['ready_s']:.1f} s (ranks "
                    f"started {t['rank_start_s']:.1f} s; load {t['load_s']:.1f} s beside build {t['build_s']:.1f} s and "
-                   f"compile {t['compile_s']:.1f} s), eval {t['eval_s']:.1f} s, other {t['other_s']:.1f} s; "
+                   f"compile {t['compile_s']:.1f} s; swap {t['swap_s']:.1f} s), eval {t['eval_s']:.1f} s, other {t['other_s']:.1f} s; "
                    f"data {t['data_s']:.1f} s; "
                    f"{t['tokens']:,} tokens ({t['tokens_per_s']:,.0f} tok/s) on {job.device} "
                    f"(tp {m.tp} x {r.replicas} replica(s), {m.dtype})")

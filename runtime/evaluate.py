@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from llamafuse.formats import LlamafuseError, Manifest
 
-from .load import check_device, load_rank, new_model, placeholder_layer
+from .load import Part, RankBytes, check_device, connect, load_rank, new_model, placeholder_layer, read_rank, swap_parts
 from .model import Model
 from .packing import Batch, make_batch, pack_groups, prefix_forest, to_device
 from .parallel import Context, device_threads, together
@@ -63,7 +63,8 @@ class Ready:
     rank_start_s: float = 0.0   # from the ranks' start until every rank ran its worker (spawned: the
                                 # interpreter, imports, the process group)
     build_s: float = 0.0        # building the model (importing the compile stack where it compiles)
-    load_s: float = 0.0         # weights onto the device
+    load_s: float = 0.0         # weights onto the device (replicas on GPUs: this rank's part of them)
+    swap_s: float = 0.0         # replicas on GPUs: swapping the parts they read, once all have compiled
     compile_s: float = 0.0      # compiling kernels on a filler batch, while the weights load
     total_s: float = 0.0        # from the ranks' start until every rank's model was ready
 
@@ -207,15 +208,26 @@ def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
                  title: str, rank_start_s: float) -> tuple[Model, Ready]:
     """The model with its weights on the device and its kernels compiled: a thread reads the
     weights while this one builds the model (importing the compile stack) and compiles on
-    placeholder weights, so loading overlaps both."""
+    placeholder weights, so loading overlaps both.
+
+    Replicas of a tp 1 model on GPUs share the reading: each reads its part of the one rank file
+    and the GPUs swap parts once every rank compiled, so the host copies the file once, not once
+    per GPU (run 20: two replicas copied 65 GB each, ~46 GB/s in all). Their communicator is
+    built beside the read. With tp > 1 each rank reads its whole file: a second communicator
+    built beside the tp group's first collective (in the compile) could leave them waiting on
+    each other, and built after it, it would cost its second on the way to the first batch."""
     check_device(ctx, manifest)
     t0 = time.perf_counter()
+    shared = ctx.peers is not None and ctx.tp == 1 and ctx.device.type == "cuda"
+    part = Part(ctx.replica, ctx.replicas) if shared else None
+    connected = connect(ctx.peers, ctx.device) if part else None
 
-    def load() -> tuple[dict[str, torch.Tensor], float]:
-        tensors = load_rank(folder, manifest, ctx.tp_rank, ctx.device)
+    def load() -> tuple[dict[str, torch.Tensor] | RankBytes, float]:
+        got = (read_rank(folder, manifest, ctx.tp_rank, ctx.device, part=part) if part
+               else load_rank(folder, manifest, ctx.tp_rank, ctx.device))
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
-        return tensors, time.perf_counter() - t0
+        return got, time.perf_counter() - t0
 
     with device_threads(ctx.device) as pool:
         loading = pool.submit(load)
@@ -230,8 +242,18 @@ def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)
             compile_s = time.perf_counter() - t1
-        model.w, load_s = together(ctx, loading.result)   # after every rank compiled: collectives matched
-    return model, Ready(rank_start_s, build_s, load_s, compile_s, time.time() - ctx.launched)
+        loaded, load_s = together(ctx, loading.result)   # after every rank compiled: collectives matched
+    swap_s = 0.0
+    if isinstance(loaded, RankBytes):
+        t2 = time.perf_counter()
+        connected()
+        swap_parts(loaded.data, part, ctx.peers)
+        torch.cuda.synchronize(ctx.device)
+        swap_s = time.perf_counter() - t2
+        loaded = loaded.tensors()
+    model.w = loaded
+    return model, Ready(rank_start_s=rank_start_s, build_s=build_s, load_s=load_s, swap_s=swap_s,
+                        compile_s=compile_s, total_s=time.time() - ctx.launched)
 
 
 def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Settings, sink: Sink | None = None,

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from llamafuse.formats import LlamafuseError, Manifest, RankLayout, names, rank_tensor_specs
 from llamafuse.formats.manifest import rank_metadata
@@ -44,29 +48,65 @@ def check_rank_file(folder: Path, manifest: Manifest, rank: int) -> tuple[dict[s
     return infos, meta
 
 
-def load_rank(folder: Path, manifest: Manifest, rank: int, device: torch.device,
-              threads: int = 16) -> dict[str, torch.Tensor]:
-    """Tensors of rank file `rank` on `device`. CPU: zero-copy views of a memory map. CUDA: the
-    file is read by several threads through pinned buffers into one device allocation, and the
-    tensors are views of it. Either way a tensor whose bytes are not 16-byte aligned is copied."""
-    infos, meta = check_rank_file(folder, manifest, rank)
-    path = Path(folder) / manifest.ranks[rank].file
-    if device.type == "cpu":
-        mf = MappedFile(path, (infos, meta))
-        tensors = {n: mf.get(n) for n in infos}
-    else:
-        buf = _copy_file_to_device(path, device, threads)
-        tensors = {n: buf[t.begin:t.end].view(t.dtype).view(t.shape) for n, t in infos.items()}
+@dataclass(frozen=True)
+class Part:
+    """Part `index` of `count` equal parts of a rank file: what one of `count` replicas reads when
+    they share the reading of the file they all load (see `swap_parts`)."""
+    index: int
+    count: int
+
+    def span(self, size: int) -> tuple[int, int]:
+        """(start, length) of this part in a file of `size` bytes; the parts are 16-byte multiples
+        and cover `count * length >= size` bytes (the last one runs past the end)."""
+        length = -(-size // (self.count * ALIGN)) * ALIGN
+        return self.index * length, length
+
+
+@dataclass(frozen=True)
+class RankBytes:
+    """A rank file's bytes on a device, in one allocation, and where each tensor lies in them."""
+    data: torch.Tensor                # uint8, at least the file's size
+    infos: dict[str, TensorInfo]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Views of `data` by name; a tensor whose bytes are not 16-byte aligned is copied."""
+        return _aligned({n: self.data[t.begin:t.end].view(t.dtype).view(t.shape) for n, t in self.infos.items()})
+
+
+def _aligned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: t if t.data_ptr() % ALIGN == 0 else t.clone() for n, t in tensors.items()}
 
 
-def _copy_file_to_device(path: Path, device: torch.device, threads: int) -> torch.Tensor:
-    """The file's bytes in one device allocation: each thread reads chunks into its two pinned
-    buffers in turn and copies them on its own stream. Its waits sleep, leaving the CPUs to what
-    runs beside the loading (importing and running the compiler, the parent tokenizing)."""
+def load_rank(folder: Path, manifest: Manifest, rank: int, device: torch.device,
+              threads: int = 16) -> dict[str, torch.Tensor]:
+    """Tensors of rank file `rank` on `device`. CPU: zero-copy views of a memory map. CUDA: views
+    of the file's bytes in one device allocation (`read_rank`). Either way a tensor whose bytes are
+    not 16-byte aligned is copied."""
+    if device.type != "cpu":
+        return read_rank(folder, manifest, rank, device, threads).tensors()
+    infos, meta = check_rank_file(folder, manifest, rank)
+    mf = MappedFile(Path(folder) / manifest.ranks[rank].file, (infos, meta))
+    return _aligned({n: mf.get(n) for n in infos})
+
+
+def read_rank(folder: Path, manifest: Manifest, rank: int, device: torch.device, threads: int = 16,
+              part: Part | None = None) -> RankBytes:
+    """Rank file `rank`, checked, read onto a CUDA device by several threads through pinned
+    buffers: the whole file, or only `part` of it (the rest of `data` is left for `swap_parts`)."""
+    infos, _ = check_rank_file(folder, manifest, rank)
+    path = Path(folder) / manifest.ranks[rank].file
+    return RankBytes(_copy_file_to_device(path, device, threads, part), infos)
+
+
+def _copy_file_to_device(path: Path, device: torch.device, threads: int, part: Part | None) -> torch.Tensor:
+    """The file's bytes (or its `part`) in one device allocation: each thread reads chunks into its
+    two pinned buffers in turn and copies them on its own stream. Its waits sleep, leaving the CPUs
+    to what runs beside the loading (importing and running the compiler, the parent tokenizing)."""
     size = path.stat().st_size
-    dev = torch.empty(size, dtype=torch.uint8, device=device)
-    chunks = [(o, min(CHUNK, size - o)) for o in range(0, size, CHUNK)]
+    start, length = (part or Part(0, 1)).span(size)
+    dev = torch.empty(length * (part.count if part else 1), dtype=torch.uint8, device=device)
+    end = min(size, start + length)
+    chunks = [(o, min(CHUNK, end - o)) for o in range(start, end, CHUNK)]
     fd = os.open(path, os.O_RDONLY)
     local = threading.local()
 
@@ -97,6 +137,34 @@ def _copy_file_to_device(path: Path, device: torch.device, threads: int) -> torc
     finally:
         os.close(fd)
     return dev
+
+
+def swap_parts(data: torch.Tensor, part: Part, group: dist.ProcessGroup) -> None:
+    """Every part of `data` from the rank that read it: an in-place all-gather over `group`, whose
+    rank i read part i (NCCL: GPU to GPU, so each byte crosses the host once however many
+    replicas there are). Afterwards `data` holds the whole file on every rank of `group`."""
+    start, length = part.span(len(data))
+    assert length * part.count == len(data), "data is not split in equal parts"
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor   # torch >= 2.13's name
+    gather(data, data[start:start + length], group=group)
+
+
+def connect(group: dist.ProcessGroup, device: torch.device) -> Callable[[], None]:
+    """Start building `group`'s communicator (NCCL builds it at a group's first collective: ~1-2 s
+    on the H200s, run 21) in a thread of its own; returns a call that waits for it. A daemon
+    thread: a rank that fails while a peer never connects is not held open by it."""
+    done: Future[None] = Future()
+
+    def run() -> None:
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.all_reduce(torch.zeros(1, device=device), group=group)
+            done.set_result(None)
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits
+            done.set_exception(e)
+    threading.Thread(target=run, daemon=True, name="connect").start()
+    return done.result
 
 
 def check_device(ctx: Context, manifest: Manifest) -> None:

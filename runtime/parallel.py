@@ -70,6 +70,7 @@ class Context:
     replicas: int
     launched: float                # time.time() when the ranks were started
     control: dist.ProcessGroup | None = None   # all ranks over gloo, for small messages (see _make_context)
+    peers: dist.ProcessGroup | None = None     # the ranks of this tp rank, one per replica (they load one file)
 
     @property
     def is_main(self) -> bool:
@@ -93,7 +94,10 @@ def _make_context(rank: int, world: int, tp: int, device_type: str, local_rank: 
         # Errors, skip sets and results go over the CPU, so NCCL carries only the model's tensors and
         # never builds a communicator of all ranks (on GPUs: a second of start-up, after loading).
         control = dist.new_group(backend="gloo")
-    return Context(rank, world, tp, device, tp_group, rank % tp, rank // tp, world // tp, launched, control)
+    peers = None
+    if world > tp:
+        peers = [dist.new_group(list(range(t, world, tp))) for t in range(tp)][rank % tp]
+    return Context(rank, world, tp, device, tp_group, rank % tp, rank // tp, world // tp, launched, control, peers)
 
 
 def device_threads(device: torch.device, workers: int = 1) -> ThreadPoolExecutor:

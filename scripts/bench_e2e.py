@@ -70,7 +70,7 @@ def run_cli(folder: Path, args: argparse.Namespace, cache: Path, name: str) -> d
     t = r["timing"]
     print(f"{name}: wall {t['wall_s']:.1f} s (outside {outside:.1f} s) = start-up {t['startup_s']:.1f} + ready "
           f"{t['ready_s']:.1f} (ranks started {t['rank_start_s']:.1f}; load {t['load_s']:.1f} | build "
-          f"{t['build_s']:.1f} + compile {t['compile_s']:.1f}) + eval {t['eval_s']:.1f} "
+          f"{t['build_s']:.1f} + compile {t['compile_s']:.1f}; swap {t['swap_s']:.1f}) + eval {t['eval_s']:.1f} "
           f"+ other {t['other_s']:.1f}; "
           f"wall / eval {t['wall_s'] / t['eval_s']:.3f}", flush=True)
     return {"timing": t, "outside_wall_s": outside, "acc": r["acc"], "acc_norm": r["acc_norm"]}

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
 import torch.distributed as dist
 
 from llamafuse.runtime.parallel import Context
@@ -16,6 +17,24 @@ def data_seen(ctx: Context, data: list[int]) -> list[tuple[int, int, int]]:
     """Every rank's (rank, len(data), sum(data)), gathered on all ranks."""
     seen: list = [None] * ctx.world
     dist.all_gather_object(seen, (ctx.rank, len(data), sum(data)))
+    return seen
+
+
+def swapped_parts(ctx: Context, files: list[bytes]) -> list[tuple[int, list[int], bool]]:
+    """Each rank holds only its part of its tp rank's file (`files[tp_rank]`, read as its replica's
+    `Part`), the rest filler, connects to its peers and swaps parts with them: every rank's (rank, its peers'
+    global ranks, whether it then holds the whole file), gathered on all ranks."""
+    from llamafuse.runtime.load import Part, connect, swap_parts
+    file, part = files[ctx.tp_rank], Part(ctx.replica, ctx.replicas)
+    start, length = part.span(len(file))
+    data = torch.full((length * part.count,), 255, dtype=torch.uint8)
+    mine = file[start:start + length]
+    data[start:start + len(mine)] = torch.tensor(list(mine), dtype=torch.uint8)
+    connect(ctx.peers, ctx.device)()   # as a GPU rank builds its peers' communicator beside its read
+    swap_parts(data, part, ctx.peers)
+    seen: list = [None] * ctx.world
+    dist.all_gather_object(seen, (ctx.rank, dist.get_process_group_ranks(ctx.peers),
+                                  bytes(data[:len(file)].tolist()) == file))
     return seen
 
 

@@ -501,6 +501,31 @@ def test_ranks_score_the_batches_their_caller_planned(stories_out, monkeypatch):
         assert [ll for ll, _ in one_each.scores[k]] == pytest.approx([ll for ll, _ in s], abs=SAME_TOL)
 
 
+def test_parts_of_a_rank_file_cover_it_in_aligned_equal_parts():
+    """`Part.span`: the parts are equal 16-byte multiples, one after another from byte 0, and
+    together cover the file (the last may run past its end)."""
+    from llamafuse.runtime.load import ALIGN, Part
+    for size in (1, 15, 16, 1000, 4099, 65 << 20):
+        for count in range(1, 6):
+            spans = [Part(i, count).span(size) for i in range(count)]
+            length = spans[0][1]
+            assert length % ALIGN == 0 and all(n == length for _, n in spans)
+            assert [start for start, _ in spans] == [i * length for i in range(count)]
+            assert count * length - ALIGN * count < size <= count * length
+
+
+def test_replicas_swap_the_parts_they_read():
+    """`Context.peers` holds the ranks of one tp rank, one per replica; once connected (`connect`)
+    and after `swap_parts` each of them holds the whole of its tp rank's file though it read (held)
+    only its own part. tp 2 x 2
+    replicas over gloo (on GPUs NCCL, GPU to GPU)."""
+    from llamafuse.runtime import parallel
+    from spawn_worker import swapped_parts
+    files = [bytes((7 * i + 3 * t) % 251 for i in range(1000 + 37 * t)) for t in range(2)]
+    seen = parallel.launch(swapped_parts, 2, 2, "cpu", files)
+    assert seen == [(0, [0, 2], True), (1, [1, 3], True), (2, [0, 2], True), (3, [1, 3], True)]
+
+
 def test_spawned_ranks_start_before_their_data(tmp_path):
     """`start` starts the ranks at once: every rank is running before `run` hands them the data
     (llama-run tokenizes meanwhile), and then every rank gets it."""
@@ -658,10 +683,11 @@ def test_results_and_samples_fields(stories_runs, stories_docs, stories_sp, stor
     for k in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr"):
         assert isinstance(r[k], float) and 0.0 <= r[k] <= 1.0, k
     t = r["timing"]
-    for k in ("wall_s", "startup_s", "ready_s", "rank_start_s", "build_s", "load_s", "compile_s", "eval_s", "other_s",
-              "data_s", "tokens", "tokens_per_s"):
+    for k in ("wall_s", "startup_s", "ready_s", "rank_start_s", "build_s", "load_s", "swap_s", "compile_s", "eval_s",
+              "other_s", "data_s", "tokens", "tokens_per_s"):
         assert k in t and t[k] >= 0, k
     assert t["eval_s"] > 0 and t["tokens_per_s"] > 0 and t["compile_s"] == 0  # nothing compiles on the CPU
+    assert t["swap_s"] == 0   # replicas share their reading on GPUs only
     assert t["startup_s"] > 0.5   # counted from the process start: at least the imports
     assert 0 < t["data_s"] < t["startup_s"]   # one rank in this process starts after the tokenizing
     assert t["ready_s"] >= t["load_s"] > 0   # loading and compiling overlap: ready is the longer of them
