@@ -19,10 +19,10 @@ from tqdm import tqdm
 
 from llamafuse.formats import LlamafuseError, Manifest
 
-from .load import Part, RankBytes, check_device, connect, load_rank, new_model, placeholder_layer, read_rank, swap_parts
+from .load import Part, RankBytes, check_device, load_rank, new_model, placeholder_layer, read_rank, swap_parts
 from .model import Model
 from .packing import Batch, make_batch, pack_groups, prefix_forest, to_device
-from .parallel import Context, device_threads, together
+from .parallel import Context, connect, device_threads, together
 
 
 @dataclass(frozen=True)
@@ -210,17 +210,19 @@ def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
     weights while this one builds the model (importing the compile stack) and compiles on
     placeholder weights, so loading overlaps both.
 
+    On GPUs, NCCL builds a group's communicator at its first collective (1-2 s, run 21). The group
+    whose first collective comes next (tp > 1: the compile's all-reduces; replicas: their swap)
+    has it built in a thread from the start, beside the compile stack's import and the read.
+
     Replicas of a tp 1 model on GPUs share the reading: each reads its part of the one rank file
     and the GPUs swap parts once every rank compiled, so the host copies the file once, not once
-    per GPU (run 20: two replicas copied 65 GB each, ~46 GB/s in all). Their communicator is
-    built beside the read. With tp > 1 each rank reads its whole file: a second communicator
-    built beside the tp group's first collective (in the compile) could leave them waiting on
-    each other, and built after it, it would cost its second on the way to the first batch."""
+    per GPU (run 20: two replicas copied 65 GB each, ~46 GB/s in all). With tp > 1 each rank reads
+    its whole file: the replicas' communicator would be built beside the tp group's, and two built
+    side by side could wait on each other; built after it, it would cost its seconds on the way."""
     check_device(ctx, manifest)
     t0 = time.perf_counter()
-    shared = ctx.peers is not None and ctx.tp == 1 and ctx.device.type == "cuda"
-    part = Part(ctx.replica, ctx.replicas) if shared else None
-    connected = connect(ctx.peers, ctx.device) if part else None
+    part, first = _reading_plan(ctx)
+    connected = connect(first, ctx.device) if first is not None else None
 
     def load() -> tuple[dict[str, torch.Tensor] | RankBytes, float]:
         got = (read_rank(folder, manifest, ctx.tp_rank, ctx.device, part=part) if part
@@ -233,6 +235,8 @@ def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
         loading = pool.submit(load)
         model = new_model(ctx, manifest, settings.attention)
         build_s = time.perf_counter() - t0
+        if ctx.tp > 1 and connected:
+            connected()   # before the tp group's first collective (the compile's or the first batch's)
         compile_s = 0.0
         if model.compiles:
             bar.set_description_str(f"{title}: loading weights and compiling (minutes on a fresh machine, "
@@ -254,6 +258,18 @@ def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
     model.w = loaded
     return model, Ready(rank_start_s=rank_start_s, build_s=build_s, load_s=load_s, swap_s=swap_s,
                         compile_s=compile_s, total_s=time.time() - ctx.launched)
+
+
+def _reading_plan(ctx: Context) -> tuple[Part | None, dist.ProcessGroup | None]:
+    """(the part of its rank file this rank reads, None for all of it; the group whose NCCL
+    communicator to build from the start, if any): see `_ready_model`."""
+    if ctx.device.type != "cuda":
+        return None, None
+    if ctx.tp > 1:
+        return None, ctx.tp_group
+    if ctx.peers is not None:
+        return Part(ctx.replica, ctx.replicas), ctx.peers
+    return None, None
 
 
 def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Settings, sink: Sink | None = None,

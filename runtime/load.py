@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -98,13 +96,14 @@ def read_rank(folder: Path, manifest: Manifest, rank: int, device: torch.device,
     return RankBytes(_copy_file_to_device(path, device, threads, part), infos)
 
 
-def _copy_file_to_device(path: Path, device: torch.device, threads: int, part: Part | None) -> torch.Tensor:
-    """The file's bytes (or its `part`) in one device allocation: each thread reads chunks into its
-    two pinned buffers in turn and copies them on its own stream. Its waits sleep, leaving the CPUs
-    to what runs beside the loading (importing and running the compiler, the parent tokenizing)."""
+def _copy_file_to_device(path: Path, device: torch.device, threads: int, part: Part | None = None) -> torch.Tensor:
+    """The file's bytes in one device allocation (with `part`: room for all parts, that part read):
+    each thread reads chunks into its two pinned buffers in turn and copies them on its own stream.
+    Its waits sleep, leaving the CPUs to what runs beside the loading (importing and running the
+    compiler, the parent tokenizing)."""
     size = path.stat().st_size
-    start, length = (part or Part(0, 1)).span(size)
-    dev = torch.empty(length * (part.count if part else 1), dtype=torch.uint8, device=device)
+    start, length = part.span(size) if part else (0, size)
+    dev = torch.empty(length * part.count if part else size, dtype=torch.uint8, device=device)
     end = min(size, start + length)
     chunks = [(o, min(CHUNK, end - o)) for o in range(start, end, CHUNK)]
     fd = os.open(path, os.O_RDONLY)
@@ -147,24 +146,6 @@ def swap_parts(data: torch.Tensor, part: Part, group: dist.ProcessGroup) -> None
     assert length * part.count == len(data), "data is not split in equal parts"
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor   # torch >= 2.13's name
     gather(data, data[start:start + length], group=group)
-
-
-def connect(group: dist.ProcessGroup, device: torch.device) -> Callable[[], None]:
-    """Start building `group`'s communicator (NCCL builds it at a group's first collective: ~1-2 s
-    on the H200s, run 21) in a thread of its own; returns a call that waits for it. A daemon
-    thread: a rank that fails while a peer never connects is not held open by it."""
-    done: Future[None] = Future()
-
-    def run() -> None:
-        try:
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            dist.all_reduce(torch.zeros(1, device=device), group=group)
-            done.set_result(None)
-        except BaseException as e:  # noqa: BLE001 - handed to whoever waits
-            done.set_exception(e)
-    threading.Thread(target=run, daemon=True, name="connect").start()
-    return done.result
 
 
 def check_device(ctx: Context, manifest: Manifest) -> None:

@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -107,6 +107,24 @@ def device_threads(device: torch.device, workers: int = 1) -> ThreadPoolExecutor
     if device.type != "cuda":
         return ThreadPoolExecutor(workers)
     return ThreadPoolExecutor(workers, initializer=torch.cuda.set_device, initargs=(device,))
+
+
+def connect(group: dist.ProcessGroup, device: torch.device) -> Callable[[], None]:
+    """Start building `group`'s communicator (NCCL builds it at a group's first collective: ~1-2 s
+    on the H200s, run 21) in a thread of its own; returns a call that waits for it. A daemon
+    thread: a rank that fails while a peer never connects is not held open by it."""
+    done: Future[None] = Future()
+
+    def run() -> None:
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.all_reduce(torch.zeros(1, device=device), group=group)
+            done.set_result(None)
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits
+            done.set_exception(e)
+    threading.Thread(target=run, daemon=True, name="connect").start()
+    return done.result
 
 
 def together(ctx: Context, fn: Callable[[], T]) -> T:

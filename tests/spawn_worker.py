@@ -24,7 +24,8 @@ def swapped_parts(ctx: Context, files: list[bytes]) -> list[tuple[int, list[int]
     """Each rank holds only its part of its tp rank's file (`files[tp_rank]`, read as its replica's
     `Part`), the rest filler, connects to its peers and swaps parts with them: every rank's (rank, its peers'
     global ranks, whether it then holds the whole file), gathered on all ranks."""
-    from llamafuse.runtime.load import Part, connect, swap_parts
+    from llamafuse.runtime.load import Part, swap_parts
+    from llamafuse.runtime.parallel import connect
     file, part = files[ctx.tp_rank], Part(ctx.replica, ctx.replicas)
     start, length = part.span(len(file))
     data = torch.full((length * part.count,), 255, dtype=torch.uint8)

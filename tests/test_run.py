@@ -413,6 +413,15 @@ def test_gpu_loader_copies_every_byte_and_sleeps_while_it_waits(tmp_path, monkey
     out = load._copy_file_to_device(tmp_path / "rank.safetensors", torch.device("cpu"), 3)
     assert bytes(out.numpy()) == data
     assert len(made) == 11 and all(made)
+    # Replicas sharing the file: each reads its part into room for all of them; the parts cover it.
+    whole = bytearray()
+    for i in range(3):
+        part = load.Part(i, 3)
+        start, length = part.span(len(data))
+        out = load._copy_file_to_device(tmp_path / "rank.safetensors", torch.device("cpu"), 3, part)
+        assert len(out) == 3 * length
+        whole += bytes(out[start:start + length].numpy())
+    assert bytes(whole[:len(data)]) == data and len(made) == 11 + 3 * 4
 
 
 def test_spawned_ranks_read_the_job_from_a_file(monkeypatch):
@@ -512,6 +521,26 @@ def test_parts_of_a_rank_file_cover_it_in_aligned_equal_parts():
             assert length % ALIGN == 0 and all(n == length for _, n in spans)
             assert [start for start, _ in spans] == [i * length for i in range(count)]
             assert count * length - ALIGN * count < size <= count * length
+
+
+def test_gpu_ranks_build_their_first_communicator_early_and_replicas_share_reading():
+    """`_reading_plan`: on GPUs a tp > 1 rank has its tp group's communicator built from the start
+    and reads its whole file; replicas of a tp 1 model read a part each and build their peers'
+    communicator; a lone GPU and CPU ranks (gloo, memory maps) do neither."""
+    from llamafuse.runtime.evaluate import _reading_plan
+    from llamafuse.runtime.load import Part
+    from llamafuse.runtime.parallel import Context
+    tp, peers = object(), object()
+
+    def ctx(device: str, n_tp: int, replicas: int) -> Context:
+        return Context(1, n_tp * replicas, n_tp, torch.device(device), tp if n_tp > 1 else None, 1 % n_tp,
+                       1 // n_tp, replicas, 0.0, None, peers if replicas > 1 else None)
+    assert _reading_plan(ctx("cuda", 2, 1)) == (None, tp)
+    assert _reading_plan(ctx("cuda", 2, 2)) == (None, tp)
+    assert _reading_plan(ctx("cuda", 1, 2)) == (Part(1, 2), peers)
+    assert _reading_plan(ctx("cuda", 1, 1)) == (None, None)
+    assert _reading_plan(ctx("cpu", 2, 2)) == (None, None)
+    assert _reading_plan(ctx("cpu", 1, 2)) == (None, None)
 
 
 def test_replicas_swap_the_parts_they_read():
