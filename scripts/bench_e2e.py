@@ -3,13 +3,15 @@ in a fresh process with an empty compile cache (cold) and again with the cache i
 
     python3 scripts/bench_e2e.py --data DATA.jsonl.gz --tokenizer tokenizer.model --out DIR \
         [--dtype float16|float8] [--layers 60] [--max-seq-len 2048] [--tp 1] [--replicas N] [--runs cold,warm] [--folder DIR]
+        [--limit N]
 
 Weights are random (matrices ~ N(0, 1/fan_in)), drawn on the GPU and written by llama-convert's
 writer (hashes, manifest and all), unless --folder already holds a converted model. A cold run
 empties the compile cache (beside the folder) first; a warm one uses what the last run left;
 `--runs ""` only converts; a run named cold* is cold, any other name (warm, warm2) warm. Each
 run's results.json timing (wall time from process start and its parts) and the wall time seen
-from outside go to DIR/e2e.json, its stderr to DIR/NAME.log.
+from outside go to DIR/e2e.json, its stderr to DIR/NAME.log. `--limit N` scores the first N items
+only: a variant's start-up and ready parts in ~15 s (its wall / eval is no measure of the target).
 """
 from __future__ import annotations
 
@@ -58,7 +60,8 @@ def run_cli(folder: Path, args: argparse.Namespace, cache: Path, name: str) -> d
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
     results = args.out / f"{name}.json"
     cmd = ["llama-run", "hellaswag", str(folder), "--data", args.data, "--device", "cuda", "--output", str(results),
-           "--force", *(["--replicas", str(args.replicas)] if args.replicas else [])]
+           "--force", *(["--replicas", str(args.replicas)] if args.replicas else []),
+           *(["--limit", str(args.limit)] if args.limit else [])]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     outside = time.perf_counter() - t0
@@ -88,10 +91,12 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=None, help="llama-run --replicas [default: all GPUs / tp]")
     ap.add_argument("--runs", default="cold,warm")
     ap.add_argument("--folder", type=Path, default=Path("/dev/shm/llamafuse-e2e/model"))
+    ap.add_argument("--limit", type=int, default=None, help="llama-run hellaswag --limit (start-up variants)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
-                    "layers": args.layers, "tp": args.tp, "replicas": args.replicas, "pycache_prefix": os.environ.get("PYTHONPYCACHEPREFIX")}
+                    "layers": args.layers, "tp": args.tp, "replicas": args.replicas, "limit": args.limit,
+                    "pycache_prefix": os.environ.get("PYTHONPYCACHEPREFIX")}
     save = lambda: (args.out / "e2e.json").write_text(json.dumps(report, indent=2))  # noqa: E731
     if not (args.folder / "manifest.json").is_file():
         c = ModelConfig(**{**LLAMA_30B, "n_layers": args.layers, "max_seq_len": args.max_seq_len})
