@@ -39,6 +39,43 @@ def swapped_parts(ctx: Context, files: list[bytes]) -> list[tuple[int, list[int]
     return seen
 
 
+def shared_reading(ctx: Context, folder: Path) -> list[tuple[int, bool, bool]]:
+    """`evaluate._ready_model` as replicas on GPUs run it (each reads a part of the rank file,
+    connects to its peers and swaps parts), with CPU stand-ins for what needs CUDA (pinned memory,
+    streams, events): every rank's (rank, its weights equal to the file's, it swapped), gathered."""
+    from contextlib import nullcontext
+
+    from tqdm import tqdm
+
+    from llamafuse.formats import load_manifest
+    from llamafuse.runtime import evaluate
+    from llamafuse.runtime.load import Part, load_rank
+
+    class Event:
+        def __init__(self, **kwargs) -> None:
+            pass
+
+        def record(self, stream=None) -> None:
+            pass
+
+        def synchronize(self) -> None:
+            pass
+    empty = torch.empty
+    torch.empty = lambda *a, pin_memory=False, **k: empty(*a, **k)   # this rank's process only
+    torch.cuda.Event, torch.cuda.Stream, torch.cuda.stream = Event, lambda device: None, lambda s: nullcontext()
+    torch.cuda.synchronize = lambda device=None: None
+    evaluate._reading_plan = lambda c: (Part(c.replica, c.replicas), c.peers)
+    m = load_manifest(folder)
+    model, ready = evaluate._ready_model(ctx, folder, m, evaluate.Settings(64, progress=False), tqdm(disable=True),
+                                         "test", 0.0)
+    torch.empty = empty
+    whole = load_rank(folder, m, 0, torch.device("cpu"))
+    same = model.w.keys() == whole.keys() and all(torch.equal(model.w[k], whole[k]) for k in whole)
+    seen: list = [None] * ctx.world
+    dist.all_gather_object(seen, (ctx.rank, same, ready.swap_s > 0))
+    return seen
+
+
 def mark_then_sum(ctx: Context, folder: Path, later: Callable[[], tuple]) -> list[tuple[int, int]]:
     """A `start` worker: leave `started-RANK` (holding this process's pid) in `folder`, then wait
     for the data; every rank's (rank, sum(data)), gathered on all ranks."""

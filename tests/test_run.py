@@ -555,6 +555,15 @@ def test_replicas_swap_the_parts_they_read():
     assert seen == [(0, [0, 2], True), (1, [1, 3], True), (2, [0, 2], True), (3, [1, 3], True)]
 
 
+def test_replicas_sharing_their_reading_get_the_whole_model(stories_out):
+    """Two replicas getting their model ready as on GPUs (each reads its part of the rank file and
+    they swap parts; CUDA's pinned memory, streams and events stood in for on the CPU) both end
+    with every tensor equal to the file's."""
+    from llamafuse.runtime import parallel
+    from spawn_worker import shared_reading
+    assert parallel.launch(shared_reading, 1, 2, "cpu", stories_out) == [(0, True, True), (1, True, True)]
+
+
 def test_spawned_ranks_start_before_their_data(tmp_path):
     """`start` starts the ranks at once: every rank is running before `run` hands them the data
     (llama-run tokenizes meanwhile), and then every rank gets it."""
