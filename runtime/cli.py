@@ -25,6 +25,7 @@ from llamafuse.formats.tokenizer import Tokenizer
 from . import hellaswag
 from .attention import ATTENTION_CHOICES
 from .evaluate import Ready, RunResult, Settings, check_requests, plan, score_worker
+from .load import THREADS
 from .options import bos_id, model_tokenizer, resolve_device, resolve_replicas
 from .parallel import Ranks, launch, launched_rank, start
 from .samples import SampleWriter, SamplesFile
@@ -116,6 +117,8 @@ bos_opt = click.option("--bos/--no-bos", default=None,
                        help="Put BOS first, or not [default: the tokenizer's own rule, recorded in the manifest, "
                             "as lm-evaluation-harness's HF backend encodes].")
 model_arg = click.argument("model", type=click.Path(path_type=Path))
+load_threads_opt = click.option("--load-threads", type=click.IntRange(min=1), default=THREADS, show_default=True,
+                                help="Threads reading the weights onto each GPU (two 64 MiB pinned buffers each).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -172,13 +175,14 @@ class HellaswagRun:
               help="Data-parallel copies of the model [default: all GPUs / tp; 1 on CPU].")
 @click.option("--attention", type=click.Choice(ATTENTION_CHOICES), default="auto", show_default=True,
               help="Attention kernel: flex (FlexAttention, sm80+) or blocks (SDPA with a mask: CPU, V100).")
+@load_threads_opt
 @click.option("--resume", is_flag=True, help="Keep the items already in --samples and score the rest.")
 @click.option("--force", is_flag=True, help="Overwrite existing --output/--samples files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results JSON instead of a table.")
 @user_errors
 def hellaswag_cmd(model: Path, data: str | None, limit: int | None, bos: bool | None, device: str | None,
                   output: Path | None, samples: Path | None, batch_tokens: int | None, replicas: int | None,
-                  attention: str, resume: bool, force: bool, as_json: bool) -> None:
+                  attention: str, load_threads: int, resume: bool, force: bool, as_json: bool) -> None:
     """Score the HellaSwag validation split (acc, acc_norm) exactly as lm-evaluation-harness."""
     owner = launched_rank() in (None, 0)   # under torchrun, rank 0 owns the output files
     if resume and samples is None:
@@ -188,7 +192,7 @@ def hellaswag_cmd(model: Path, data: str | None, limit: int | None, bos: bool | 
         _check_output(samples, force or resume, "--samples", "use --resume to continue it or --force to overwrite")
         if output is not None and samples is not None and output.resolve() == samples.resolve():
             raise LlamafuseError(f"--output and --samples are the same file ({output})")
-    job = _hellaswag_job(model, device, batch_tokens, replicas, attention)
+    job = _hellaswag_job(model, device, batch_tokens, replicas, attention, load_threads)
     m = job.manifest
     with start(score_worker, m.tp, job.replicas, job.device, job.folder, m, job.settings) as ranks:
         run = _hellaswag_run(job, ranks, data, limit, bos, samples if owner else None, resume)
@@ -196,10 +200,11 @@ def hellaswag_cmd(model: Path, data: str | None, limit: int | None, bos: bool | 
 
 
 def _hellaswag_job(model: Path, device: str | None, batch_tokens: int | None, replicas: int | None,
-                   attention: str) -> HellaswagJob:
+                   attention: str, load_threads: int) -> HellaswagJob:
     m = load_manifest(model)
     dev = resolve_device(device)
-    settings = Settings(batch_tokens or (16384 if dev == "cuda" else 2048), attention, label="hellaswag")
+    settings = Settings(batch_tokens or (16384 if dev == "cuda" else 2048), attention, label="hellaswag",
+                        load_threads=load_threads)
     return HellaswagJob(model, m, dev, resolve_replicas(dev, m.tp, replicas), settings)
 
 
@@ -257,7 +262,8 @@ def _hellaswag_report(job: HellaswagJob, run: HellaswagRun, output: Path | None,
                    "items": len(run.items) - run.resumed, "resumed_items": run.resumed},
         "settings": {"model": str(job.folder), "dtype": m.dtype, "tp": m.tp, "replicas": r.replicas,
                      "device": job.device, "bos": src.run["bos"], "batch_tokens": job.settings.batch_tokens,
-                     "attention": job.settings.attention, "data": src.data, "limit": src.run["limit"]},
+                     "attention": job.settings.attention, "load_threads": job.settings.load_threads,
+                     "data": src.data, "limit": src.run["limit"]},
     }
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -403,10 +409,11 @@ def verify_cmd(model: Path) -> None:
               help="Data-parallel copies of the model [default: all GPUs / tp; 1 on CPU].")
 @click.option("--attention", type=click.Choice(ATTENTION_CHOICES), default="auto", show_default=True,
               help="Attention kernel: flex (FlexAttention, sm80+) or blocks (SDPA with a mask: CPU, V100).")
+@load_threads_opt
 @user_errors
 def lm_eval_cmd(model: Path, tasks: str, num_fewshot: int | None, limit: int | None, include_path: tuple[Path, ...],
                 output_path: Path | None, log_samples: bool, batch_tokens: int | None, device: str | None,
-                replicas: int | None, attention: str) -> None:
+                replicas: int | None, attention: str, load_threads: int) -> None:
     """Run lm-evaluation-harness tasks (loglikelihood and perplexity) with every shared prefix
     computed once; prints the harness's results table. Needs `pip install 'llamafuse[lm-eval]'`."""
     if log_samples and output_path is None:
@@ -419,7 +426,7 @@ def lm_eval_cmd(model: Path, tasks: str, num_fewshot: int | None, limit: int | N
         raise LlamafuseError(f"lm-evaluation-harness is not installed ({e}); "
                              "pip install 'llamafuse[lm-eval]'") from None
     tqdm.monitor_interval = 0   # no monitor thread: GPU ranks are forked only from a single-threaded process
-    job = backend.prepare(model, tasks, include_path, device, batch_tokens, replicas, attention)
+    job = backend.prepare(model, tasks, include_path, device, batch_tokens, replicas, attention, load_threads)
     results = backend.run(job, num_fewshot, limit, log_samples, output_path)
     click.echo(backend.report(job, results, num_fewshot, limit))
 

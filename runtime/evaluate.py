@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from llamafuse.formats import LlamafuseError, Manifest
 
-from .load import Part, RankBytes, check_device, load_rank, new_model, placeholder_layer, read_rank, swap_parts
+from .load import (THREADS, Part, RankBytes, check_device, load_rank, new_model, placeholder_layer, read_rank,
+                   swap_parts)
 from .model import Model
 from .packing import Batch, make_batch, pack_groups, prefix_forest, to_device
 from .parallel import Context, connect, device_threads, together
@@ -55,6 +56,7 @@ class Settings:
     progress: bool = True
     label: str = "scoring"       # progress bar title
     unit: str = "item"           # what a group is called in progress and messages
+    load_threads: int = THREADS  # threads reading the weights onto each GPU
 
 
 @dataclass(frozen=True)
@@ -225,8 +227,9 @@ def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
     connected = connect(first, ctx.device) if first is not None else None
 
     def load() -> tuple[dict[str, torch.Tensor] | RankBytes, float]:
-        got = (read_rank(folder, manifest, ctx.tp_rank, ctx.device, part=part) if part
-               else load_rank(folder, manifest, ctx.tp_rank, ctx.device))
+        n = settings.load_threads
+        got = (read_rank(folder, manifest, ctx.tp_rank, ctx.device, n, part) if part
+               else load_rank(folder, manifest, ctx.tp_rank, ctx.device, n))
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         return got, time.perf_counter() - t0

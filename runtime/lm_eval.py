@@ -33,6 +33,7 @@ from llamafuse.formats.errors import one_line
 from llamafuse.formats.tokenizer import Tokenizer
 
 from .evaluate import Group, Request, Score, Settings, check_requests, plan, score_worker
+from .load import THREADS
 from .options import bos_id, model_tokenizer, resolve_device, resolve_replicas
 from .packing import pack_groups, prefix_forest
 from .parallel import Ranks, launched_rank, start
@@ -62,12 +63,13 @@ class LlamafuseLM(TemplateLM):
 
     `pretrained`: the folder; `device`: cpu or cuda [default: cuda if available]; `batch_tokens`:
     forest tokens per batch [default: 16384 on CUDA, 2048 on CPU]; `replicas`: data-parallel
-    copies [default: all GPUs / tp; 1 on CPU]. The harness's own `batch_size` and
+    copies [default: all GPUs / tp; 1 on CPU]; `load_threads`: threads reading the weights onto
+    each GPU [default: 16]. The harness's own `batch_size` and
     `max_batch_size` (which its CLI always passes) do not apply: batches are sized in tokens.
     """
 
     def __init__(self, pretrained: str | Path, device: str | None = None, batch_tokens: int | None = None,
-                 replicas: int | None = None, attention: str = "auto",
+                 replicas: int | None = None, attention: str = "auto", load_threads: int | str = THREADS,
                  batch_size: int | str | None = None, max_batch_size: int | None = None) -> None:
         super().__init__()
         if launched_rank() is not None:
@@ -76,11 +78,12 @@ class LlamafuseLM(TemplateLM):
         self.folder = Path(pretrained)
         self.manifest = load_manifest(self.folder)
         self.device_type = resolve_device(device)
-        self.replicas = resolve_replicas(self.device_type, self.manifest.tp, None if replicas is None else int(replicas))
-        self.batch_tokens = int(batch_tokens) if batch_tokens is not None else (16384 if self.device_type == "cuda" else 2048)
-        if self.batch_tokens < 1:
-            raise LlamafuseError(f"batch_tokens must be positive, got {self.batch_tokens}")
+        self.replicas = resolve_replicas(self.device_type, self.manifest.tp,
+                                         None if replicas is None else _positive("replicas", replicas))
+        self.batch_tokens = (_positive("batch_tokens", batch_tokens) if batch_tokens is not None
+                             else 16384 if self.device_type == "cuda" else 2048)
         self.attention = attention
+        self.load_threads = _positive("load_threads", load_threads)
         self.tok: Tokenizer = model_tokenizer(self.folder, self.manifest)
         self.bos = bos_id(self.manifest, None)   # the tokenizer's own rule: HFLM's add_special_tokens
         self.calls: list[CallStats] = []
@@ -225,7 +228,8 @@ class LlamafuseLM(TemplateLM):
                 yield ranks
 
     def _start(self) -> AbstractContextManager[Ranks]:
-        settings = Settings(self.batch_tokens, self.attention, label="lm-eval", unit="context")
+        settings = Settings(self.batch_tokens, self.attention, label="lm-eval", unit="context",
+                            load_threads=self.load_threads)
         return start(score_worker, self.manifest.tp, self.replicas, self.device_type, self.folder, self.manifest,
                      settings)
 
@@ -233,7 +237,18 @@ class LlamafuseLM(TemplateLM):
         """Recorded in the harness's results under `config`."""
         m = self.manifest
         return {"model_path": str(self.folder), "model_dtype": m.dtype, "tp": m.tp, "replicas": self.replicas,
-                "device": self.device_type, "batch_tokens": self.batch_tokens}
+                "device": self.device_type, "batch_tokens": self.batch_tokens, "load_threads": self.load_threads}
+
+
+def _positive(name: str, value: int | str) -> int:
+    """A model argument that must be a positive integer (the harness passes them as strings)."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise LlamafuseError(f"{name} must be a positive integer, got {value!r}")
+    return n
 
 
 def by_context(requests: list[Request]) -> list[Group]:
@@ -286,10 +301,10 @@ class Job:
 
 
 def prepare(model: Path, tasks: str, include_path: tuple[Path, ...], device: str | None,
-            batch_tokens: int | None, replicas: int | None, attention: str) -> Job:
+            batch_tokens: int | None, replicas: int | None, attention: str, load_threads: int = THREADS) -> Job:
     """Check everything that can be checked before the model is loaded: the model folder, the
     include paths, the task names, and that no task needs generation."""
-    lm = LlamafuseLM(model, device, batch_tokens, replicas, attention)
+    lm = LlamafuseLM(model, device, batch_tokens, replicas, attention, load_threads)
     for p in include_path:
         if not p.is_dir():
             raise LlamafuseError(f"--include-path {p}: no such folder")

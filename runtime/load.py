@@ -19,6 +19,7 @@ from .model import Model
 from .parallel import Context, device_threads, together
 
 CHUNK = 64 << 20
+THREADS = 16    # threads reading a rank file onto its GPU, each with two CHUNK pinned buffers
 ALIGN = 16  # GEMM kernels want 16-byte aligned operands; a tensor that is not gets its own copy
 
 
@@ -76,7 +77,7 @@ def _aligned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_rank(folder: Path, manifest: Manifest, rank: int, device: torch.device,
-              threads: int = 16) -> dict[str, torch.Tensor]:
+              threads: int = THREADS) -> dict[str, torch.Tensor]:
     """Tensors of rank file `rank` on `device`. CPU: zero-copy views of a memory map. CUDA: views
     of the file's bytes in one device allocation (`read_rank`). Either way a tensor whose bytes are
     not 16-byte aligned is copied."""
@@ -87,7 +88,7 @@ def load_rank(folder: Path, manifest: Manifest, rank: int, device: torch.device,
     return _aligned({n: mf.get(n) for n in infos})
 
 
-def read_rank(folder: Path, manifest: Manifest, rank: int, device: torch.device, threads: int = 16,
+def read_rank(folder: Path, manifest: Manifest, rank: int, device: torch.device, threads: int = THREADS,
               part: Part | None = None) -> RankBytes:
     """Rank file `rank`, checked, read onto a CUDA device by several threads through pinned
     buffers: the whole file, or only `part` of it (the rest of `data` is left for `swap_parts`)."""

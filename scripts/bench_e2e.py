@@ -3,7 +3,7 @@ in a fresh process with an empty compile cache (cold) and again with the cache i
 
     python3 scripts/bench_e2e.py --data DATA.jsonl.gz --tokenizer tokenizer.model --out DIR \
         [--dtype float16|float8] [--layers 60] [--max-seq-len 2048] [--tp 1] [--replicas N] [--runs cold,warm] [--folder DIR]
-        [--limit N]
+        [--limit N] [--load-threads N]
 
 Weights are random (matrices ~ N(0, 1/fan_in)), drawn on the GPU and written by llama-convert's
 writer (hashes, manifest and all), unless --folder already holds a converted model. A cold run
@@ -61,7 +61,8 @@ def run_cli(folder: Path, args: argparse.Namespace, cache: Path, name: str) -> d
     results = args.out / f"{name}.json"
     cmd = ["llama-run", "hellaswag", str(folder), "--data", args.data, "--device", "cuda", "--output", str(results),
            "--force", *(["--replicas", str(args.replicas)] if args.replicas else []),
-           *(["--limit", str(args.limit)] if args.limit else [])]
+           *(["--limit", str(args.limit)] if args.limit else []),
+           *(["--load-threads", str(args.load_threads)] if args.load_threads else [])]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     outside = time.perf_counter() - t0
@@ -92,10 +93,12 @@ def main() -> None:
     ap.add_argument("--runs", default="cold,warm")
     ap.add_argument("--folder", type=Path, default=Path("/dev/shm/llamafuse-e2e/model"))
     ap.add_argument("--limit", type=int, default=None, help="llama-run hellaswag --limit (start-up variants)")
+    ap.add_argument("--load-threads", type=int, default=None, help="llama-run hellaswag --load-threads")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
                     "layers": args.layers, "tp": args.tp, "replicas": args.replicas, "limit": args.limit,
+                    "load_threads": args.load_threads,
                     "pycache_prefix": os.environ.get("PYTHONPYCACHEPREFIX")}
     save = lambda: (args.out / "e2e.json").write_text(json.dumps(report, indent=2))  # noqa: E731
     if not (args.folder / "manifest.json").is_file():

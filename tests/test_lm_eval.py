@@ -29,6 +29,7 @@ import llamafuse.runtime
 import llamafuse.runtime.lm_eval as backend
 from llamafuse.convert.sources import open_source
 from llamafuse.convert.write import convert
+from llamafuse.formats import LlamafuseError
 from llamafuse.runtime.cli import main as llama_run_main
 from llamafuse.runtime.lm_eval import LlamafuseLM
 
@@ -364,6 +365,39 @@ def test_cli_hellaswag_matches_llama_run_hellaswag(ours_sp, work, data_dir):
     for k in ("acc", "acc_norm"):
         assert harness[f"{k},none"] == pytest.approx(ours[k], abs=1e-12), k
         assert harness[f"{k}_stderr,none"] == pytest.approx(ours[f"{k}_stderr"], abs=1e-12), k
+
+
+def test_load_threads_reach_the_ranks_and_bad_model_args_are_one_line(ours_512, monkeypatch):
+    """`load_threads` (as the harness passes model arguments: strings) goes into the ranks'
+    Settings and the results' config; a model argument that is not a positive integer is one
+    clear error."""
+    seen: list = []
+
+    @contextmanager
+    def start(*args, **kwargs):
+        seen.append(args[-1])
+        yield None
+    monkeypatch.setattr(backend, "start", start)
+    lm = LlamafuseLM(ours_512, device="cpu", load_threads="3")
+    with lm._start():
+        pass
+    assert seen[0].load_threads == 3 and lm.get_model_info()["load_threads"] == 3
+    for name, bad in [("load_threads", "0"), ("load_threads", "many"), ("batch_tokens", "-1"), ("replicas", "x")]:
+        with pytest.raises(LlamafuseError, match=f"^{name} must be a positive integer, got '{bad}'$"):
+            LlamafuseLM(ours_512, device="cpu", **{name: bad})
+    # llama-run lm-eval --load-threads: checked, and handed to the backend
+    prepared: list = []
+    monkeypatch.setattr(backend, "prepare", lambda *a: (prepared.append(a), _stop())[1])
+    r = CliRunner().invoke(llama_run_main, ["lm-eval", str(ours_512), "--tasks", "arc_easy_local", "--device", "cpu",
+                                            "--load-threads", "4"])
+    assert r.exit_code == 2 and "stopped after prepare" in r.output and prepared[0][-1] == 4, r.output
+    r = CliRunner().invoke(llama_run_main, ["lm-eval", str(ours_512), "--tasks", "arc_easy_local",
+                                            "--load-threads", "0"])
+    assert r.exit_code == 2 and "Invalid value for '--load-threads'" in r.output
+
+
+def _stop() -> None:
+    raise LlamafuseError("stopped after prepare")
 
 
 def test_cli_starts_its_ranks_from_one_thread(ours_sp):

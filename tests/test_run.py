@@ -477,6 +477,30 @@ def test_hellaswag_reads_its_data_once_the_ranks_started(stories_out, monkeypatc
     assert events == ["start", "read"]
 
 
+def test_load_threads_reach_the_loader(stories_out, monkeypatch):
+    """`llama-run hellaswag --load-threads N` records N in the results' settings, and a rank reads
+    its weights with N threads (`Settings.load_threads`); 0 is refused in one line."""
+    from click.testing import CliRunner
+    from tqdm import tqdm
+
+    from llamafuse.formats import load_manifest
+    from llamafuse.runtime import cli, evaluate
+    from llamafuse.runtime.parallel import Context
+    r = CliRunner().invoke(cli.main, ["hellaswag", str(stories_out), "--data", str(VAL), "--limit", "2",
+                                      "--device", "cpu", "--load-threads", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["settings"]["load_threads"] == 3
+    r = CliRunner().invoke(cli.main, ["hellaswag", str(stories_out), "--device", "cpu", "--load-threads", "0"])
+    assert r.exit_code == 2 and "Invalid value for '--load-threads'" in r.output
+    threads: list = []
+    real = evaluate.load_rank
+    monkeypatch.setattr(evaluate, "load_rank", lambda *a: (threads.append(a[4]), real(*a))[1])
+    ctx = Context(0, 1, 1, torch.device("cpu"), None, 0, 0, 1, time.time())
+    evaluate._ready_model(ctx, stories_out, load_manifest(stories_out), evaluate.Settings(64, progress=False,
+                          load_threads=5), tqdm(disable=True), "test", 0.0)
+    assert threads == [5]
+
+
 def test_ranks_score_the_batches_their_caller_planned(stories_out, monkeypatch):
     """`score_worker` scores the `Work`'s batches as the caller packed them (`evaluate.plan`, in the
     command's process while the ranks load) and packs nothing itself; the scores do not depend on
