@@ -23,7 +23,7 @@ from .load import (THREADS, Part, RankBytes, check_device, load_rank, new_model,
                    swap_parts)
 from .model import Model
 from .packing import Batch, make_batch, pack_groups, prefix_forest, to_device
-from .parallel import Context, connect, device_threads, together
+from .parallel import Context, connect, device_threads, peers_reachable, together
 
 
 @dataclass(frozen=True)
@@ -216,9 +216,10 @@ def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
     whose first collective comes next (tp > 1: the compile's all-reduces; replicas: their swap)
     has it built in a thread from the start, beside the compile stack's import and the read.
 
-    Replicas of a tp 1 model on GPUs share the reading: each reads its part of the one rank file
-    and the GPUs swap parts once every rank compiled, so the host copies the file once, not once
-    per GPU (run 20: two replicas copied 65 GB each, ~46 GB/s in all). With tp > 1 each rank reads
+    Replicas of a tp 1 model on GPUs that reach each other directly (`peers_reachable`) share the
+    reading: each reads its part of the one rank file and the GPUs swap parts once every rank
+    compiled, so the host copies the file once, not once per GPU (run 20: two replicas copied
+    65 GB each, ~46 GB/s in all). With tp > 1 each rank reads
     its whole file: the replicas' communicator would be built beside the tp group's, and two built
     side by side could wait on each other; built after it, it would cost its seconds on the way."""
     check_device(ctx, manifest)
@@ -270,7 +271,7 @@ def _reading_plan(ctx: Context) -> tuple[Part | None, dist.ProcessGroup | None]:
         return None, None
     if ctx.tp > 1:
         return None, ctx.tp_group
-    if ctx.peers is not None:
+    if ctx.peers is not None and peers_reachable(ctx):
         return Part(ctx.replica, ctx.replicas), ctx.peers
     return None, None
 

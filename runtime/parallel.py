@@ -109,6 +109,16 @@ def device_threads(device: torch.device, workers: int = 1) -> ThreadPoolExecutor
     return ThreadPoolExecutor(workers, initializer=torch.cuda.set_device, initargs=(device,))
 
 
+def peers_reachable(ctx: Context) -> bool:
+    """Whether this rank's GPU reaches its peers' GPUs (`Context.peers`) directly: all on this
+    host (a rank's GPU is its local rank's) and CUDA peer access between them (NVLink, or PCIe
+    where enabled). Otherwise what they send each other goes through host memory or a network."""
+    if ctx.device.type != "cuda" or int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world)) != ctx.world:
+        return False
+    return all(torch.cuda.can_device_access_peer(ctx.device, torch.device("cuda", r))
+               for r in range(ctx.tp_rank, ctx.world, ctx.tp) if r != ctx.rank)
+
+
 def connect(group: dist.ProcessGroup, device: torch.device) -> Callable[[], None]:
     """Start building `group`'s communicator (NCCL builds it at a group's first collective: ~1-2 s
     on the H200s, run 21) in a thread of its own; returns a call that waits for it. A daemon

@@ -547,21 +547,33 @@ def test_parts_of_a_rank_file_cover_it_in_aligned_equal_parts():
             assert count * length - ALIGN * count < size <= count * length
 
 
-def test_gpu_ranks_build_their_first_communicator_early_and_replicas_share_reading():
+def test_gpu_ranks_build_their_first_communicator_early_and_replicas_share_reading(monkeypatch):
     """`_reading_plan`: on GPUs a tp > 1 rank has its tp group's communicator built from the start
     and reads its whole file; replicas of a tp 1 model read a part each and build their peers'
-    communicator; a lone GPU and CPU ranks (gloo, memory maps) do neither."""
+    communicator, if their GPUs reach each other directly on one host (else each reads all of
+    it); a lone GPU and CPU ranks (gloo, memory maps) do neither."""
     from llamafuse.runtime.evaluate import _reading_plan
     from llamafuse.runtime.load import Part
     from llamafuse.runtime.parallel import Context
     tp, peers = object(), object()
+    reach: list = []
+    p2p = {1}   # the GPUs with peer access to the others
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer",
+                        lambda d, p: (reach.append((d.index, p.index)), d.index in p2p)[1])
 
     def ctx(device: str, n_tp: int, replicas: int) -> Context:
-        return Context(1, n_tp * replicas, n_tp, torch.device(device), tp if n_tp > 1 else None, 1 % n_tp,
+        dev = torch.device("cuda", 1) if device == "cuda" else torch.device("cpu")   # rank 1's GPU
+        return Context(1, n_tp * replicas, n_tp, dev, tp if n_tp > 1 else None, 1 % n_tp,
                        1 // n_tp, replicas, 0.0, None, peers if replicas > 1 else None)
     assert _reading_plan(ctx("cuda", 2, 1)) == (None, tp)
     assert _reading_plan(ctx("cuda", 2, 2)) == (None, tp)
-    assert _reading_plan(ctx("cuda", 1, 2)) == (Part(1, 2), peers)
+    assert _reading_plan(ctx("cuda", 1, 2)) == (Part(1, 2), peers) and reach == [(1, 0)]
+    p2p.clear()
+    assert _reading_plan(ctx("cuda", 1, 2)) == (None, None)   # no peer access: each reads its file
+    p2p.add(1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")                # torchrun, one rank per host
+    assert _reading_plan(ctx("cuda", 1, 2)) == (None, None)
     assert _reading_plan(ctx("cuda", 1, 1)) == (None, None)
     assert _reading_plan(ctx("cpu", 2, 2)) == (None, None)
     assert _reading_plan(ctx("cpu", 1, 2)) == (None, None)
