@@ -276,8 +276,7 @@ def _hellaswag_report(job: HellaswagJob, run: HellaswagRun, output: Path | None,
         click.echo(f"wall {t['wall_s']:.1f} s: start-up {t['startup_s']:.1f} s, ready {t['ready_s']:.1f} s (ranks "
                    f"started {t['rank_start_s']:.1f} s; load {t['load_s']:.1f} s beside build {t['build_s']:.1f} s and "
                    f"compile {t['compile_s']:.1f} s; swap {t['swap_s']:.1f} s), eval {t['eval_s']:.1f} s, "
-                   f"other {t['other_s']:.1f} s; "
-                   f"data {t['data_s']:.1f} s; "
+                   f"other {t['other_s']:.1f} s; data {t['data_s']:.1f} s; "
                    f"{t['tokens']:,} tokens ({t['tokens_per_s']:,.0f} tok/s) on {job.device} "
                    f"(tp {m.tp} x {r.replicas} replica(s), {m.dtype})")
     if output:

@@ -219,9 +219,9 @@ def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Setti
     Replicas of a tp 1 model on GPUs that reach each other directly (`peers_reachable`) share the
     reading: each reads its part of the one rank file and the GPUs swap parts once every rank
     compiled, so the host copies the file once, not once per GPU (run 20: two replicas copied
-    65 GB each, ~46 GB/s in all). With tp > 1 each rank reads
-    its whole file: the replicas' communicator would be built beside the tp group's, and two built
-    side by side could wait on each other; built after it, it would cost its seconds on the way."""
+    65 GB each, ~46 GB/s in all). With tp > 1 each rank reads its whole file: the replicas'
+    communicator would be built beside the tp group's, and two built side by side could wait on
+    each other; built after it, it would cost its seconds on the way."""
     check_device(ctx, manifest)
     t0 = time.perf_counter()
     part, first = _reading_plan(ctx)

@@ -435,10 +435,10 @@ class _Started(Ranks):
 def _start_processes(worker: Callable[..., Any], world: int, tp: int, device_type: str,
                      early: tuple) -> Iterator[Ranks]:
     """Start `world` rank processes (forked or spawned: see `_start_method`); ranks still running
-    when the block ends are killed. Each rank reads the job and later its late arguments from its own link to a file
-    in the reports folder: passed as process arguments to spawned ranks they would go down each
-    rank's start pipe, and the parent would wait on every rank in turn to import its modules
-    before it could start the next."""
+    when the block ends are killed. Each rank reads the job and later its late arguments from its
+    own link to a file in the reports folder: passed as process arguments to spawned ranks they
+    would go down each rank's start pipe, and the parent would wait on every rank in turn to import
+    its modules before it could start the next."""
     with tempfile.TemporaryDirectory(prefix="llamafuse-ranks-") as folder, _spawn_log_quiet():
         reports, caught, pc = Path(folder), [], None
         _publish(reports, "job", (worker, early), world)

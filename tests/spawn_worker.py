@@ -22,8 +22,8 @@ def data_seen(ctx: Context, data: list[int]) -> list[tuple[int, int, int]]:
 
 def swapped_parts(ctx: Context, files: list[bytes]) -> list[tuple[int, list[int], bool]]:
     """Each rank holds only its part of its tp rank's file (`files[tp_rank]`, read as its replica's
-    `Part`), the rest filler, connects to its peers and swaps parts with them: every rank's (rank, its peers'
-    global ranks, whether it then holds the whole file), gathered on all ranks."""
+    `Part`), the rest filler, connects to its peers and swaps parts with them: every rank's (rank,
+    its peers' global ranks, whether it then holds the whole file), gathered on all ranks."""
     from llamafuse.runtime.load import Part, swap_parts
     from llamafuse.runtime.parallel import connect
     file, part = files[ctx.tp_rank], Part(ctx.replica, ctx.replicas)
