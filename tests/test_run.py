@@ -501,6 +501,35 @@ def test_load_threads_reach_the_loader(stories_out, monkeypatch):
     assert threads == [5]
 
 
+def test_planned_groups_travel_to_the_ranks_as_arrays_and_come_back_equal():
+    """`plan` hands the ranks its groups as a `GroupTable`: pickled, it holds flat arrays and no
+    Group or Request objects (the ranks unpickle buffers, not a Python object per token), and
+    indexed it gives back each group exactly, in order, negative indices too."""
+    import pickle
+
+    import numpy as np
+
+    from llamafuse.runtime.evaluate import Group, GroupTable, Request, plan
+
+    rng = np.random.default_rng(0)
+
+    def request() -> Request:
+        return Request(tuple(rng.integers(0, 32000, rng.integers(1, 9)).tolist()),
+                       tuple(rng.integers(0, 32000, rng.integers(1, 5)).tolist()))
+    groups = [Group(k, tuple(request() for _ in range(rng.integers(1, 5)))) for k in range(7, 40)]
+    work = plan(groups, frozenset({8, 20}), 64)
+    assert isinstance(work.groups, GroupTable)
+    data = pickle.dumps(work, protocol=pickle.HIGHEST_PROTOCOL)
+    assert b"Request" not in data and b"Group\x94" not in data and b"GroupTable" in data
+    back = pickle.loads(data).groups
+    todo = [g for g in groups if g.key not in {8, 20}]
+    assert len(back) == len(todo) and list(back) == todo
+    assert back[-1] == todo[-1] and back[-len(todo)] == todo[0]
+    with pytest.raises(IndexError):
+        back[len(todo)]
+    assert list(GroupTable([])) == []
+
+
 def test_ranks_score_the_batches_their_caller_planned(stories_out, monkeypatch):
     """`score_worker` scores the `Work`'s batches as the caller packed them (`evaluate.plan`, in the
     command's process while the ranks load) and packs nothing itself; the scores do not depend on
