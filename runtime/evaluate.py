@@ -173,12 +173,12 @@ class GroupTable(Sequence[Group]):
     def __init__(self, groups: Sequence[Group]):
         requests = [r for g in groups for r in g.requests]
         self.keys = np.array([g.key for g in groups], dtype=np.int64)                          # [G]
-        self.first = np.cumsum([0] + [len(g.requests) for g in groups], dtype=np.int64)      # [G+1] into requests
-        self.split = np.array([len(r.context) for r in requests], dtype=np.int64)            # [R] context length
+        self.first = np.cumsum([0] + [len(g.requests) for g in groups], dtype=np.int64)   # [G+1] into requests
+        self.split = np.array([len(r.context) for r in requests], dtype=np.int64)         # [R] context lengths
         self.start = np.cumsum([0] + [len(r.context) + len(r.continuation) for r in requests],
-                               dtype=np.int64)                                               # [R+1] into tokens
+                               dtype=np.int64)                                            # [R+1] into tokens
         self.tokens = np.fromiter(chain.from_iterable(chain(r.context, r.continuation) for r in requests),
-                                  dtype=np.int32, count=int(self.start[-1]))                 # [T]
+                                  dtype=np.int32, count=int(self.start[-1]))              # [T]
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -186,7 +186,8 @@ class GroupTable(Sequence[Group]):
     def __getitem__(self, i: int) -> Group:  # type: ignore[override]  # no slices
         if not -len(self) <= i < len(self):
             raise IndexError(i)
-        a, b = self.first[i % len(self)], self.first[i % len(self) + 1]
+        i %= len(self)
+        a, b = self.first[i], self.first[i + 1]
         base = int(self.start[a])
         toks = self.tokens[base:self.start[b]].tolist()
         cuts = (self.start[a:b + 1] - base).tolist()
