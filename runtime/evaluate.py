@@ -311,7 +311,7 @@ def _reading_plan(ctx: Context) -> tuple[Part | None, dist.ProcessGroup | None]:
     return None, None
 
 
-def score_groups(ctx: Context, model: Model, groups: list[Group], settings: Settings, sink: Sink | None = None,
+def score_groups(ctx: Context, model: Model, groups: Sequence[Group], settings: Settings, sink: Sink | None = None,
                  batches: list[list[int]] | None = None, bar: tqdm | None = None,
                  ready: Ready = Ready()) -> RunResult | None:
     """Score this replica's share of `batches` (indices of `groups`; packed here if None);
