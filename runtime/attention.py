@@ -122,10 +122,9 @@ def mask_tile(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
     return (128, 64) if dtype == torch.float16 and head_dim >= 128 else (128, 128)
 
 
-def choose_attention(device: torch.device, head_dim: int, requested: str = "auto",
-                     dtype: torch.dtype = torch.float16) -> tuple[Attention, str | None]:
-    """(backend, how to compile the block: a Model `compile` mode) for a device and the model's
-    head width and activation dtype.
+def attention_plan(device: torch.device, head_dim: int, requested: str = "auto") -> tuple[str, str | None]:
+    """("flex" or "blocks", how to compile the block: a Model `compile` mode or None) for a device
+    and the model's head width, decided without building anything.
 
     auto: FlexAttention and one compiled graph per block on sm80+ GPUs; SDPA with explicit
     masks on the CPU and on older GPUs such as the V100 (sm70), uncompiled on the CPU.
@@ -136,5 +135,13 @@ def choose_attention(device: torch.device, head_dim: int, requested: str = "auto
     if requested == "auto":
         requested = "flex" if modern and head_dim >= 16 else "blocks"
     if requested == "flex":
-        return FlexAttention(mask_tile(head_dim, dtype)), "block" if modern else None
-    return BlockAttention(), BLOCKS_COMPILE_ON_CUDA if cuda else None
+        return "flex", "block" if modern else None
+    return "blocks", BLOCKS_COMPILE_ON_CUDA if cuda else None
+
+
+def choose_attention(device: torch.device, head_dim: int, requested: str = "auto",
+                     dtype: torch.dtype = torch.float16) -> tuple[Attention, str | None]:
+    """(backend, compile mode) as `attention_plan` decides them; `dtype` (the activations') sets
+    FlexAttention's mask tile."""
+    kind, compile = attention_plan(device, head_dim, requested)
+    return (FlexAttention(mask_tile(head_dim, dtype)) if kind == "flex" else BlockAttention()), compile

@@ -24,7 +24,7 @@ from llamafuse.formats.tokenizer import Tokenizer
 
 from . import hellaswag
 from .attention import ATTENTION_CHOICES
-from .evaluate import Ready, RunResult, Settings, check_requests, plan, score_worker
+from .evaluate import EAGER_BATCHES, Ready, RunResult, Settings, check_requests, plan, score_worker
 from .load import THREADS
 from .options import bos_id, model_tokenizer, resolve_device, resolve_replicas
 from .parallel import Ranks, launch, launched_rank, start
@@ -119,6 +119,10 @@ bos_opt = click.option("--bos/--no-bos", default=None,
 model_arg = click.argument("model", type=click.Path(path_type=Path))
 load_threads_opt = click.option("--load-threads", type=click.IntRange(min=1), default=THREADS, show_default=True,
                                 help="Threads reading the weights onto each GPU (two 64 MiB pinned buffers each).")
+eager_batches_opt = click.option("--eager-batches", type=click.IntRange(min=0), default=EAGER_BATCHES,
+                                 show_default=True,
+                                 help="Where the model compiles: the batches of each replica scored uncompiled "
+                                      "while the compiler gets ready (0: wait for it).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -176,13 +180,15 @@ class HellaswagRun:
 @click.option("--attention", type=click.Choice(ATTENTION_CHOICES), default="auto", show_default=True,
               help="Attention kernel: flex (FlexAttention, sm80+) or blocks (SDPA with a mask: CPU, V100).")
 @load_threads_opt
+@eager_batches_opt
 @click.option("--resume", is_flag=True, help="Keep the items already in --samples and score the rest.")
 @click.option("--force", is_flag=True, help="Overwrite existing --output/--samples files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results JSON instead of a table.")
 @user_errors
 def hellaswag_cmd(model: Path, data: str | None, limit: int | None, bos: bool | None, device: str | None,
                   output: Path | None, samples: Path | None, batch_tokens: int | None, replicas: int | None,
-                  attention: str, load_threads: int, resume: bool, force: bool, as_json: bool) -> None:
+                  attention: str, load_threads: int, eager_batches: int, resume: bool, force: bool,
+                  as_json: bool) -> None:
     """Score the HellaSwag validation split (acc, acc_norm) exactly as lm-evaluation-harness."""
     owner = launched_rank() in (None, 0)   # under torchrun, rank 0 owns the output files
     if resume and samples is None:
@@ -192,7 +198,7 @@ def hellaswag_cmd(model: Path, data: str | None, limit: int | None, bos: bool | 
         _check_output(samples, force or resume, "--samples", "use --resume to continue it or --force to overwrite")
         if output is not None and samples is not None and output.resolve() == samples.resolve():
             raise LlamafuseError(f"--output and --samples are the same file ({output})")
-    job = _hellaswag_job(model, device, batch_tokens, replicas, attention, load_threads)
+    job = _hellaswag_job(model, device, batch_tokens, replicas, attention, load_threads, eager_batches)
     m = job.manifest
     with start(score_worker, m.tp, job.replicas, job.device, job.folder, m, job.settings) as ranks:
         run = _hellaswag_run(job, ranks, data, limit, bos, samples if owner else None, resume)
@@ -200,11 +206,11 @@ def hellaswag_cmd(model: Path, data: str | None, limit: int | None, bos: bool | 
 
 
 def _hellaswag_job(model: Path, device: str | None, batch_tokens: int | None, replicas: int | None,
-                   attention: str, load_threads: int) -> HellaswagJob:
+                   attention: str, load_threads: int, eager_batches: int) -> HellaswagJob:
     m = load_manifest(model)
     dev = resolve_device(device)
     settings = Settings(batch_tokens or (16384 if dev == "cuda" else 2048), attention, label="hellaswag",
-                        load_threads=load_threads)
+                        load_threads=load_threads, eager_batches=eager_batches)
     return HellaswagJob(model, m, dev, resolve_replicas(dev, m.tp, replicas), settings)
 
 
@@ -248,22 +254,24 @@ def _hellaswag_run(job: HellaswagJob, ranks: Ranks, data: str | None, limit: int
 
 def _hellaswag_report(job: HellaswagJob, run: HellaswagRun, output: Path | None, as_json: bool) -> None:
     r, m, src = run.result, job.manifest, run.source
-    rd = r.ready
+    rd, ph = r.ready, r.phases
     metrics = hellaswag.score(run.items, [run.lls[it.doc_id] for it in run.items])
     wall = process_age()
     result = {
         "task": "hellaswag", **metrics,
-        "timing": {"wall_s": round(wall, 3), "startup_s": round(run.startup_s, 3), "ready_s": round(rd.total_s, 3),
+        "timing": {"wall_s": round(wall, 3), "startup_s": round(run.startup_s, 3), "ready_s": round(rd.scoring_s, 3),
                    "rank_start_s": round(rd.rank_start_s, 3), "build_s": round(rd.build_s, 3),
                    "load_s": round(rd.load_s, 3), "swap_s": round(rd.swap_s, 3), "compile_s": round(rd.compile_s, 3),
-                   "eval_s": round(r.eval_s, 3),
-                   "other_s": round(wall - run.startup_s - rd.total_s - r.eval_s, 3), "data_s": round(run.data_s, 3),
+                   "model_ready_s": round(rd.total_s, 3), "eval_s": round(r.eval_s, 3),
+                   "eager_batches": ph.eager_batches, "eager_s": round(ph.eager_s, 3),
+                   "compile_wait_s": round(ph.wait_s, 3), "steady_eval_s": round(ph.steady_s, 3),
+                   "other_s": round(wall - run.startup_s - rd.scoring_s - r.eval_s, 3), "data_s": round(run.data_s, 3),
                    "tokens": r.tokens, "tokens_per_s": round(r.tokens / max(r.eval_s, 1e-9), 1),
                    "items": len(run.items) - run.resumed, "resumed_items": run.resumed},
         "settings": {"model": str(job.folder), "dtype": m.dtype, "tp": m.tp, "replicas": r.replicas,
                      "device": job.device, "bos": src.run["bos"], "batch_tokens": job.settings.batch_tokens,
                      "attention": job.settings.attention, "load_threads": job.settings.load_threads,
-                     "data": src.data, "limit": src.run["limit"]},
+                     "eager_batches": job.settings.eager_batches, "data": src.data, "limit": src.run["limit"]},
     }
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -273,9 +281,12 @@ def _hellaswag_report(job: HellaswagJob, run: HellaswagRun, output: Path | None,
                    f"|-----------|------:|-------:|-------:|---------:|-------:|\n"
                    f"| hellaswag | {metrics['n']:5d} | {100 * metrics['acc']:6.2f} | {100 * metrics['acc_stderr']:6.2f} "
                    f"| {100 * metrics['acc_norm']:8.2f} | {100 * metrics['acc_norm_stderr']:6.2f} |")
+        warm = (f" ({t['eager_batches']} batch(es) per replica uncompiled {t['eager_s']:.1f} s while compiling, "
+                f"then waited {t['compile_wait_s']:.1f} s for the compiled model; steady {t['steady_eval_s']:.1f} s)"
+                if t["eager_batches"] else "")
         click.echo(f"wall {t['wall_s']:.1f} s: start-up {t['startup_s']:.1f} s, ready {t['ready_s']:.1f} s (ranks "
                    f"started {t['rank_start_s']:.1f} s; load {t['load_s']:.1f} s beside build {t['build_s']:.1f} s and "
-                   f"compile {t['compile_s']:.1f} s; swap {t['swap_s']:.1f} s), eval {t['eval_s']:.1f} s, "
+                   f"compile {t['compile_s']:.1f} s; swap {t['swap_s']:.1f} s), eval {t['eval_s']:.1f} s{warm}, "
                    f"other {t['other_s']:.1f} s; data {t['data_s']:.1f} s; "
                    f"{t['tokens']:,} tokens ({t['tokens_per_s']:,.0f} tok/s) on {job.device} "
                    f"(tp {m.tp} x {r.replicas} replica(s), {m.dtype})")
@@ -409,10 +420,11 @@ def verify_cmd(model: Path) -> None:
 @click.option("--attention", type=click.Choice(ATTENTION_CHOICES), default="auto", show_default=True,
               help="Attention kernel: flex (FlexAttention, sm80+) or blocks (SDPA with a mask: CPU, V100).")
 @load_threads_opt
+@eager_batches_opt
 @user_errors
 def lm_eval_cmd(model: Path, tasks: str, num_fewshot: int | None, limit: int | None, include_path: tuple[Path, ...],
                 output_path: Path | None, log_samples: bool, batch_tokens: int | None, device: str | None,
-                replicas: int | None, attention: str, load_threads: int) -> None:
+                replicas: int | None, attention: str, load_threads: int, eager_batches: int) -> None:
     """Run lm-evaluation-harness tasks (loglikelihood and perplexity) with every shared prefix
     computed once; prints the harness's results table. Needs `pip install 'llamafuse[lm-eval]'`."""
     if log_samples and output_path is None:
@@ -425,7 +437,8 @@ def lm_eval_cmd(model: Path, tasks: str, num_fewshot: int | None, limit: int | N
         raise LlamafuseError(f"lm-evaluation-harness is not installed ({e}); "
                              "pip install 'llamafuse[lm-eval]'") from None
     tqdm.monitor_interval = 0   # no monitor thread: GPU ranks are forked only from a single-threaded process
-    job = backend.prepare(model, tasks, include_path, device, batch_tokens, replicas, attention, load_threads)
+    job = backend.prepare(model, tasks, include_path, device, batch_tokens, replicas, attention, load_threads,
+                          eager_batches)
     results = backend.run(job, num_fewshot, limit, log_samples, output_path)
     click.echo(backend.report(job, results, num_fewshot, limit))
 

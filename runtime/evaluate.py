@@ -8,8 +8,11 @@ model's greedy choice. Batches are queued on the device one ahead of reading res
 from __future__ import annotations
 
 import math
+import sys
 import time
-from dataclasses import dataclass, fields
+from concurrent.futures import Executor
+from contextlib import nullcontext
+from dataclasses import dataclass, fields, replace
 from itertools import chain
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
@@ -21,11 +24,12 @@ from tqdm import tqdm
 
 from llamafuse.formats import LlamafuseError, Manifest
 
-from .load import (THREADS, Part, RankBytes, check_device, load_rank, new_model, placeholder_layer, read_rank,
-                   swap_parts)
+from .attention import attention_plan
+from .load import (THREADS, Part, RankBytes, check_device, eager_model, load_rank, new_model, placeholder_layer,
+                   read_rank, swap_parts)
 from .model import Model
 from .packing import Batch, make_batch, pack_groups, prefix_forest, to_device
-from .parallel import Context, connect, device_threads, peers_reachable, together
+from .parallel import Connections, Context, device_threads, peers_reachable, together
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,16 @@ class Group:
     requests: tuple[Request, ...]
 
 
+# The warm start's batches per replica: a fixed count, so that which batches run uncompiled never
+# depends on timing and a run's scores are the same every time. At the 30B shape a warm rank's
+# compiled model is ready ~3 s after its weights (run 24), while an uncompiled batch took 1.7-2.7x a
+# compiled one's time beside the compiling thread (run 26): one batch fits that window, two do not.
+EAGER_BATCHES = 1
+# The interpreter's switch interval during the warm start. Every torch op releases the GIL, and
+# getting it back from a thread running Python (the compiling one) takes up to this interval: at
+# the default 5 ms, the ~50 ops of an uncompiled layer would wait longer than the GPU takes for it.
+EAGER_SWITCH_S = 0.00025
+
 Score = tuple[float, bool]   # (log-likelihood of the continuation, all of its tokens greedy)
 Sink = Callable[[list[Group], list[list[Score]]], None]  # told of each finished batch (replica leaders)
 
@@ -59,6 +73,8 @@ class Settings:
     label: str = "scoring"       # progress bar title
     unit: str = "item"           # what a group is called in progress and messages
     load_threads: int = THREADS  # threads reading the weights onto each GPU
+    eager_batches: int = EAGER_BATCHES  # where the model compiles: the first batches of each replica,
+                                        # scored uncompiled while the compiler gets ready (the warm start)
 
 
 @dataclass(frozen=True)
@@ -68,9 +84,12 @@ class Ready:
                                 # interpreter, imports, the process group)
     build_s: float = 0.0        # building the model (importing the compile stack where it compiles)
     load_s: float = 0.0         # weights onto the device (replicas on GPUs: this rank's part of them)
-    swap_s: float = 0.0         # replicas on GPUs: swapping the parts they read, once all have compiled
+    swap_s: float = 0.0         # replicas on GPUs: swapping the parts they read, once all have read theirs
     compile_s: float = 0.0      # compiling kernels on a filler batch, while the weights load
-    total_s: float = 0.0        # from the ranks' start until every rank's model was ready
+    total_s: float = 0.0        # from the ranks' start until every rank's model was ready (the compiled one;
+                                # with the warm start: when it took over, after the uncompiled batches)
+    scoring_s: float = 0.0      # from the ranks' start until every rank began scoring (the warm start: once
+                                # its weights were on the device, on the uncompiled model)
 
     @staticmethod
     def slowest(ranks: Sequence[Ready]) -> Ready:
@@ -78,14 +97,29 @@ class Ready:
 
 
 @dataclass(frozen=True)
+class Phases:
+    """How a replica's eval time went, in seconds (across ranks: the slowest's of each)."""
+    eager_batches: int = 0      # the warm start: batches scored on the uncompiled model
+    eager_s: float = 0.0        # scoring them
+    wait_s: float = 0.0         # then waiting for the compiled model
+    steady_s: float = 0.0       # all of its batches at the rate of the model it ended on (the compiled one):
+                                # the eval time without the warm start's slower batches and wait
+
+    @staticmethod
+    def slowest(replicas: Sequence[Phases]) -> Phases:
+        return Phases(*(max(getattr(r, f.name) for r in replicas) for f in fields(Phases)))
+
+
+@dataclass(frozen=True)
 class RunResult:
     """What a run returns on global rank 0."""
     scores: dict[int, list[Score]]   # group key -> one Score per request
     ready: Ready
-    eval_s: float                    # all batches
+    eval_s: float                    # all batches: from when every rank began scoring until the last one ended
     tokens: int                      # forest tokens run (filler excluded)
     replicas: int
     device: str
+    phases: Phases = Phases()
 
 
 class Prepared(NamedTuple):
@@ -218,108 +252,151 @@ def plan(groups: Sequence[Group], skip: frozenset[int], batch_tokens: int, sink:
 def score_worker(ctx: Context, folder: Path, manifest: Manifest, settings: Settings,
                  later: Callable[[], tuple[Work]]) -> RunResult | None:
     """Every rank runs this (a `parallel.start` worker): load the model, then score the work's
-    batches (replanned if global rank 0 skips other keys); the result on global rank 0. A thread
-    loads the weights and compiles the kernels while this one waits for the work (`later`: the
-    caller reads, tokenizes and plans meanwhile)."""
+    batches (replanned if global rank 0 skips other keys); the result on global rank 0.
+
+    Threads load the weights and build and compile the model (`_Startup`) while this one waits for
+    the work (`later`: the caller reads, tokenizes and plans meanwhile). Where the model compiles,
+    this thread scores each replica's first `settings.eager_batches` batches on the uncompiled
+    model (`load.eager_model`) as soon as the weights are on the device, and the rest on the
+    compiled one (the warm start)."""
     rank_start_s = time.time() - ctx.launched
     title = f"{settings.label} x{ctx.replicas}" if ctx.replicas > 1 else settings.label
     bar = tqdm(unit=settings.unit, dynamic_ncols=True, mininterval=1.0, delay=2.0,
                disable=not (settings.progress and ctx.is_main), desc=f"{title}: loading weights")
     try:
-        with device_threads(ctx.device) as pool:
-            readying = pool.submit(_ready_model, ctx, folder, manifest, settings, bar, title, rank_start_s)
+        with device_threads(ctx.device, 2) as pool:
+            startup = _Startup(ctx, folder, manifest, settings, pool, bar, title)
             work, = later()
-            model, ready = readying.result()
-        if ctx.world > 1:  # under torchrun only rank 0 has read the samples file: its skip counts
-            box = [work.skip]
-            dist.broadcast_object_list(box, src=0, group=ctx.control)   # after the start-up's, never beside them
-            if box[0] != work.skip:
-                work = plan(work.groups, box[0], settings.batch_tokens, work.sink)
-        bar.set_description_str(title, refresh=False)
-        return score_groups(ctx, model, work.groups, settings, work.sink, work.batches, bar, ready)
+            if ctx.world > 1:  # under torchrun only rank 0 has read the samples file: its skip counts
+                box = [work.skip]
+                dist.broadcast_object_list(box, src=0, group=ctx.control)  # this thread makes every control call
+                if box[0] != work.skip:
+                    work = plan(work.groups, box[0], settings.batch_tokens, work.sink)
+            weights = startup.weights()
+            ready = Ready(rank_start_s=rank_start_s, load_s=startup.load_s, swap_s=startup.swap_s)
+
+            def compiled() -> tuple[Model, Ready]:
+                model, r = startup.model(weights, ready)
+                bar.set_description_str(title, refresh=False)
+                return model, r
+            if startup.warm:
+                bar.set_description_str(f"{title}: compiling (minutes on a fresh machine, cached afterwards), "
+                                        "scoring uncompiled meanwhile", refresh=False)
+                return score_groups(ctx, startup.eager_model(weights), work.groups, settings, work.sink,
+                                    work.batches, bar, ready, then=compiled)
+            model, ready = compiled()
+            return score_groups(ctx, model, work.groups, settings, work.sink, work.batches, bar, ready)
     finally:
         bar.close()
 
 
-def _ready_model(ctx: Context, folder: Path, manifest: Manifest, settings: Settings, bar: tqdm,
-                 title: str, rank_start_s: float) -> tuple[Model, Ready]:
-    """The model with its weights on the device and its kernels compiled: a thread reads the
-    weights while this one builds the model (importing the compile stack) and compiles on
-    placeholder weights, so loading overlaps both.
+class _Startup:
+    """A rank's model on its way: one thread reads the weights while another builds the model
+    (importing the compile stack) and compiles it on placeholder weights, so loading overlaps
+    both.
 
-    On GPUs, NCCL builds a group's communicator at its first collective (1-2 s, run 21). The group
-    whose first collective comes next (tp > 1: the compile's all-reduces; replicas: their swap)
-    has it built in a thread from the start, beside the compile stack's import and the read.
+    On GPUs, NCCL builds a group's communicator at its first collective (1-2 s, run 21); those
+    whose first collective comes during start-up are built from the start beside the import and
+    the read (`parallel.Connections`): with tp > 1 the tp group's (the compile's all-reduces) and,
+    for a warm start, `ctx.spare` (its batches' all-reduces); replicas their peers' (the swap).
 
     Replicas of a tp 1 model on GPUs that reach each other directly (`peers_reachable`) share the
-    reading: each reads its part of the one rank file and the GPUs swap parts once every rank
-    compiled, so the host copies the file once, not once per GPU (run 20: two replicas copied
-    65 GB each, ~46 GB/s in all). With tp > 1 each rank reads its whole file: the replicas'
-    communicator would be built beside the tp group's, and two built side by side could wait on
-    each other; built after it, it would cost its seconds on the way."""
-    check_device(ctx, manifest)
-    t0 = time.perf_counter()
-    part, first = _reading_plan(ctx)
-    connected = connect(first, ctx.device) if first is not None else None
+    reading: each reads its part of the one rank file and the GPUs swap parts, so the host copies
+    the file once, not once per GPU (run 20: two replicas copied 65 GB each, ~46 GB/s in all).
+    With tp > 1 each rank reads its whole file: the replicas' communicator would be built beside
+    the tp group's, and two built side by side could wait on each other; built after it, it would
+    cost its seconds on the way."""
 
-    def load() -> tuple[dict[str, torch.Tensor] | RankBytes, float]:
-        n = settings.load_threads
-        got = (read_rank(folder, manifest, ctx.tp_rank, ctx.device, n, part) if part
-               else load_rank(folder, manifest, ctx.tp_rank, ctx.device, n))
+    def __init__(self, ctx: Context, folder: Path, manifest: Manifest, settings: Settings, pool: Executor,
+                 bar: tqdm, title: str):
+        check_device(ctx, manifest)
+        self.ctx, self.manifest, self.settings = ctx, manifest, settings
+        self.t0 = time.perf_counter()
+        compiles = attention_plan(ctx.device, manifest.config.head_dim, settings.attention)[1] is not None
+        self.warm = compiles and settings.eager_batches > 0
+        self.part, groups = _reading_plan(ctx, self.warm)
+        self.connected = Connections(groups, ctx.device)
+        self.load_s = self.swap_s = 0.0
+        self.loading = pool.submit(self._load, folder)
+        self.building = pool.submit(self._build, bar, title)
+
+    def _load(self, folder: Path) -> tuple[dict[str, torch.Tensor] | RankBytes, float]:
+        ctx, n = self.ctx, self.settings.load_threads
+        got = (read_rank(folder, self.manifest, ctx.tp_rank, ctx.device, n, self.part) if self.part
+               else load_rank(folder, self.manifest, ctx.tp_rank, ctx.device, n))
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
-        return got, time.perf_counter() - t0
+        return got, time.perf_counter() - self.t0
 
-    with device_threads(ctx.device) as pool:
-        loading = pool.submit(load)
-        model = new_model(ctx, manifest, settings.attention)
-        build_s = time.perf_counter() - t0
-        if ctx.tp > 1 and connected:
-            connected()   # before the tp group's first collective (the compile's or the first batch's)
+    def _build(self, bar: tqdm, title: str) -> tuple[Model, float, float]:
+        """(the model without its weights, build_s, compile_s). It compiles on a stream of its own:
+        its all-reduces then wait on nothing the warm start's batches queue meanwhile."""
+        ctx = self.ctx
+        model = new_model(ctx, self.manifest, self.settings.attention)
+        build_s = time.perf_counter() - self.t0
         compile_s = 0.0
         if model.compiles:
-            bar.set_description_str(f"{title}: loading weights and compiling (minutes on a fresh machine, "
-                                    "cached afterwards)")
+            self.connected.wait(ctx.tp_group)   # before the tp group's first collective
+            if not self.warm:
+                bar.set_description_str(f"{title}: loading weights and compiling (minutes on a fresh machine, "
+                                        "cached afterwards)")
             t1 = time.perf_counter()
-            model.warm_up(settings.batch_tokens, placeholder_layer(manifest, ctx.device))
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize(ctx.device)
+            side = torch.cuda.Stream(ctx.device) if ctx.device.type == "cuda" else None
+            with torch.cuda.stream(side) if side else nullcontext():
+                model.warm_up(self.settings.batch_tokens, placeholder_layer(self.manifest, ctx.device))
+            if side:
+                side.synchronize()
             compile_s = time.perf_counter() - t1
-        loaded, load_s = together(ctx, loading.result)   # after every rank compiled: collectives matched
-    swap_s = 0.0
-    if isinstance(loaded, RankBytes):
-        t2 = time.perf_counter()
-        connected()
-        swap_parts(loaded.data, part, ctx.peers)
-        torch.cuda.synchronize(ctx.device)
-        swap_s = time.perf_counter() - t2
-        loaded = loaded.tensors()
-    model.w = loaded
-    return model, Ready(rank_start_s=rank_start_s, build_s=build_s, load_s=load_s, swap_s=swap_s,
-                        compile_s=compile_s, total_s=time.time() - ctx.launched)
+        return model, build_s, compile_s
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The rank's tensors on its device, once every rank's are (all fail together); replicas
+        that shared the reading swap their parts first."""
+        loaded, self.load_s = together(self.ctx, self.loading.result)
+        if isinstance(loaded, RankBytes):
+            t = time.perf_counter()
+            self.connected.wait(self.ctx.peers)
+            swap_parts(loaded.data, self.part, self.ctx.peers)
+            torch.cuda.synchronize(self.ctx.device)
+            self.swap_s = time.perf_counter() - t
+            return loaded.tensors()
+        return loaded
+
+    def eager_model(self, weights: dict[str, torch.Tensor]) -> Model:
+        """The warm start's uncompiled model on `weights`, its communicator built."""
+        self.connected.wait(self.ctx.spare)
+        return eager_model(self.ctx, self.manifest, weights)
+
+    def model(self, weights: dict[str, torch.Tensor], ready: Ready) -> tuple[Model, Ready]:
+        """The compiled model (waited for) on `weights`, and `ready` completed."""
+        model, build_s, compile_s = self.building.result()
+        model.w = weights
+        return model, replace(ready, build_s=build_s, compile_s=compile_s, total_s=time.time() - self.ctx.launched)
 
 
-def _reading_plan(ctx: Context) -> tuple[Part | None, dist.ProcessGroup | None]:
-    """(the part of its rank file this rank reads, None for all of it; the group whose NCCL
-    communicator to build from the start, if any): see `_ready_model`."""
+def _reading_plan(ctx: Context, warm: bool) -> tuple[Part | None, list[dist.ProcessGroup]]:
+    """(the part of its rank file this rank reads, None for all of it; the groups whose NCCL
+    communicators to build from the start, in order): see `_Startup`."""
     if ctx.device.type != "cuda":
-        return None, None
+        return None, []
     if ctx.tp > 1:
-        return None, ctx.tp_group
+        return None, [ctx.spare, ctx.tp_group] if warm else [ctx.tp_group]
     if ctx.peers is not None and peers_reachable(ctx):
-        return Part(ctx.replica, ctx.replicas), ctx.peers
-    return None, None
+        return Part(ctx.replica, ctx.replicas), [ctx.peers]
+    return None, []
 
 
 def score_groups(ctx: Context, model: Model, groups: Sequence[Group], settings: Settings, sink: Sink | None = None,
-                 batches: list[list[int]] | None = None, bar: tqdm | None = None,
-                 ready: Ready = Ready()) -> RunResult | None:
-    """Score this replica's share of `batches` (indices of `groups`; packed here if None);
-    global rank 0 gets everyone's scores."""
-    pad_to = settings.batch_tokens if model.attention.fixed_shape else None
+                 batches: list[list[int]] | None = None, bar: tqdm | None = None, ready: Ready = Ready(),
+                 then: Callable[[], tuple[Model, Ready]] | None = None) -> RunResult | None:
+    """Score this replica's share of `batches` (indices of `groups`; packed here if None) with
+    `model`; global rank 0 gets everyone's scores. Given `then` (the warm start), `model` scores the
+    first `settings.eager_batches` of them and `then()` gives the model for the rest and its
+    `Ready`."""
     if batches is None:
         batches = pack_groups([[r.inputs for r in g.requests] for g in groups], settings.batch_tokens)
     mine = batches[ctx.replica::ctx.replicas]
+    switch = settings.eager_batches if then is not None else None
     leader = ctx.tp_rank == 0
     own_bar = bar is None
     if own_bar:
@@ -328,7 +405,13 @@ def score_groups(ctx: Context, model: Model, groups: Sequence[Group], settings: 
     bar.total = sum(len(b) for b in mine)   # this replica's share (no refresh: the bar may be delayed)
     scores: dict[int, list[Score]] = {}
     done_tokens = 0
-    t1 = time.perf_counter()
+    switch_interval = sys.getswitchinterval()
+    if then is not None:
+        sys.setswitchinterval(EAGER_SWITCH_S)
+    began = time.time() - ctx.launched
+    ready = replace(ready, scoring_s=began, total_s=began) if then else replace(ready, scoring_s=began)
+    t1 = t_final = time.perf_counter()
+    eager_s = wait_s = 0.0
 
     def collect(gs: list[Group], result: Readback, tokens: int) -> None:
         nonlocal done_tokens
@@ -348,8 +431,21 @@ def score_groups(ctx: Context, model: Model, groups: Sequence[Group], settings: 
 
     pending = None
     try:
-        for b in mine:
+        for j, b in enumerate(mine):
+            if j == switch:
+                if pending:
+                    collect(*pending)
+                    pending = None
+                t = time.perf_counter()
+                eager_s = t - t1
+                sys.setswitchinterval(switch_interval)
+                model, r = then()
+                torch.cuda.empty_cache()   # what the uncompiled batches and the compile's stream held (smaller GPUs)
+                ready = replace(r, scoring_s=ready.scoring_s)
+                t_final = time.perf_counter()
+                wait_s = t_final - t
             gs = [groups[i] for i in b]
+            pad_to = settings.batch_tokens if model.attention.fixed_shape else None
             result, tokens = score_batch(model, gs, ctx.device, pad_to)  # queued on the device
             if pending:
                 collect(*pending)                        # the previous batch, while this one runs
@@ -360,19 +456,29 @@ def score_groups(ctx: Context, model: Model, groups: Sequence[Group], settings: 
         raise LlamafuseError(f"out of GPU memory at --batch-tokens {settings.batch_tokens}; "
                              f"try --batch-tokens {settings.batch_tokens // 2}") from None
     finally:
+        sys.setswitchinterval(switch_interval)
         if own_bar:
             bar.close()
-    mine_result = RunResult(scores if leader else {}, ready, time.perf_counter() - t1,
-                            done_tokens if leader else 0, ctx.replicas, str(ctx.device))
+    end = time.perf_counter()
+    if switch is None:
+        phases = Phases(steady_s=end - t1)
+    elif len(mine) > switch:
+        phases = Phases(switch, eager_s, wait_s, (end - t_final) * len(mine) / (len(mine) - switch))
+    else:   # too few batches to switch: all of them ran uncompiled
+        phases = Phases(len(mine), end - t1, 0.0, end - t1)
+    mine_result = RunResult(scores if leader else {}, ready, end - t1, done_tokens if leader else 0,
+                            ctx.replicas, str(ctx.device), phases)
     if ctx.world == 1:
         return mine_result
     gathered: list[RunResult] | None = [mine_result] * ctx.world if ctx.is_main else None
     dist.gather_object(mine_result, gathered, dst=0, group=ctx.control)
     if not ctx.is_main:
         return None
-    return RunResult({k: v for g in gathered for k, v in g.scores.items()},
-                     Ready.slowest([g.ready for g in gathered]), max(g.eval_s for g in gathered),
-                     sum(g.tokens for g in gathered), ctx.replicas, str(ctx.device))
+    ready = Ready.slowest([g.ready for g in gathered])
+    return RunResult({k: v for g in gathered for k, v in g.scores.items()}, ready,
+                     max(g.ready.scoring_s + g.eval_s for g in gathered) - ready.scoring_s,  # until the last ended
+                     sum(g.tokens for g in gathered), ctx.replicas, str(ctx.device),
+                     Phases.slowest([g.phases for g in gathered]))
 
 
 def _split(groups: Sequence[Group], flat: list[list[float]]) -> list[list[Score]]:

@@ -32,7 +32,7 @@ from llamafuse.formats import LlamafuseError, load_manifest
 from llamafuse.formats.errors import one_line
 from llamafuse.formats.tokenizer import Tokenizer
 
-from .evaluate import Group, Request, Score, Settings, check_requests, plan, score_worker
+from .evaluate import EAGER_BATCHES, Group, Request, Score, Settings, check_requests, plan, score_worker
 from .load import THREADS
 from .options import bos_id, model_tokenizer, resolve_device, resolve_replicas
 from .packing import pack_groups, prefix_forest
@@ -64,13 +64,14 @@ class LlamafuseLM(TemplateLM):
     `pretrained`: the folder; `device`: cpu or cuda [default: cuda if available]; `batch_tokens`:
     forest tokens per batch [default: 16384 on CUDA, 2048 on CPU]; `replicas`: data-parallel
     copies [default: all GPUs / tp; 1 on CPU]; `load_threads`: threads reading the weights onto
-    each GPU [default: 16]. The harness's own `batch_size` and
+    each GPU [default: 16]; `eager_batches`: where the model compiles, the batches of each replica
+    scored uncompiled while the compiler gets ready [default: 2; 0 waits for it]. The harness's own `batch_size` and
     `max_batch_size` (which its CLI always passes) do not apply: batches are sized in tokens.
     """
 
     def __init__(self, pretrained: str | Path, device: str | None = None, batch_tokens: int | None = None,
                  replicas: int | None = None, attention: str = "auto", load_threads: int | str = THREADS,
-                 batch_size: int | str | None = None, max_batch_size: int | None = None) -> None:
+                 eager_batches: int | str = EAGER_BATCHES, batch_size: int | str | None = None, max_batch_size: int | None = None) -> None:
         super().__init__()
         if launched_rank() is not None:
             raise LlamafuseError("the lm-eval backend starts its own processes (tp and replicas); "
@@ -79,11 +80,12 @@ class LlamafuseLM(TemplateLM):
         self.manifest = load_manifest(self.folder)
         self.device_type = resolve_device(device)
         self.replicas = resolve_replicas(self.device_type, self.manifest.tp,
-                                         None if replicas is None else _positive("replicas", replicas))
-        self.batch_tokens = (_positive("batch_tokens", batch_tokens) if batch_tokens is not None
+                                         None if replicas is None else _count("replicas", replicas))
+        self.batch_tokens = (_count("batch_tokens", batch_tokens) if batch_tokens is not None
                              else 16384 if self.device_type == "cuda" else 2048)
         self.attention = attention
-        self.load_threads = _positive("load_threads", load_threads)
+        self.load_threads = _count("load_threads", load_threads)
+        self.eager_batches = _count("eager_batches", eager_batches, least=0)
         self.tok: Tokenizer = model_tokenizer(self.folder, self.manifest)
         self.bos = bos_id(self.manifest, None)   # the tokenizer's own rule: HFLM's add_special_tokens
         self.calls: list[CallStats] = []
@@ -229,7 +231,7 @@ class LlamafuseLM(TemplateLM):
 
     def _start(self) -> AbstractContextManager[Ranks]:
         settings = Settings(self.batch_tokens, self.attention, label="lm-eval", unit="context",
-                            load_threads=self.load_threads)
+                            load_threads=self.load_threads, eager_batches=self.eager_batches)
         return start(score_worker, self.manifest.tp, self.replicas, self.device_type, self.folder, self.manifest,
                      settings)
 
@@ -237,17 +239,19 @@ class LlamafuseLM(TemplateLM):
         """Recorded in the harness's results under `config`."""
         m = self.manifest
         return {"model_path": str(self.folder), "model_dtype": m.dtype, "tp": m.tp, "replicas": self.replicas,
-                "device": self.device_type, "batch_tokens": self.batch_tokens, "load_threads": self.load_threads}
+                "device": self.device_type, "batch_tokens": self.batch_tokens, "load_threads": self.load_threads,
+                "eager_batches": self.eager_batches}
 
 
-def _positive(name: str, value: int | str) -> int:
-    """A model argument that must be a positive integer (the harness passes them as strings)."""
+def _count(name: str, value: int | str, least: int = 1) -> int:
+    """A model argument that must be an integer >= `least` (the harness passes them as strings)."""
     try:
         n = int(value)
     except ValueError:
-        n = 0
-    if n < 1:
-        raise LlamafuseError(f"{name} must be a positive integer, got {value!r}")
+        n = least - 1
+    if n < least:
+        raise LlamafuseError(f"{name} must be {'a positive' if least == 1 else 'a non-negative'} integer, "
+                             f"got {value!r}")
     return n
 
 
@@ -301,10 +305,11 @@ class Job:
 
 
 def prepare(model: Path, tasks: str, include_path: tuple[Path, ...], device: str | None,
-            batch_tokens: int | None, replicas: int | None, attention: str, load_threads: int = THREADS) -> Job:
+            batch_tokens: int | None, replicas: int | None, attention: str, load_threads: int = THREADS,
+            eager_batches: int = EAGER_BATCHES) -> Job:
     """Check everything that can be checked before the model is loaded: the model folder, the
     include paths, the task names, and that no task needs generation."""
-    lm = LlamafuseLM(model, device, batch_tokens, replicas, attention, load_threads)
+    lm = LlamafuseLM(model, device, batch_tokens, replicas, attention, load_threads, eager_batches)
     for p in include_path:
         if not p.is_dir():
             raise LlamafuseError(f"--include-path {p}: no such folder")

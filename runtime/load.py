@@ -13,13 +13,14 @@ from llamafuse.formats import LlamafuseError, Manifest, RankLayout, names, rank_
 from llamafuse.formats.manifest import rank_metadata
 from llamafuse.formats.tensorfile import MappedFile, TensorInfo, read_header
 
-from .attention import choose_attention
+from .attention import BlockAttention, choose_attention
 from .fp8 import check_fp8_device
 from .model import Model
 from .parallel import Context, device_threads, together
 
 CHUNK = 64 << 20
 THREADS = 16    # threads reading a rank file onto its GPU, each with two CHUNK pinned buffers
+EAGER_PACE = 3  # layers the warm start's model keeps queued on a GPU (one 30B layer: ~34 ms, run 8)
 ALIGN = 16  # GEMM kernels want 16-byte aligned operands; a tensor that is not gets its own copy
 
 
@@ -163,6 +164,15 @@ def new_model(ctx: Context, manifest: Manifest, attention: str = "auto") -> Mode
     backend, compile = choose_attention(ctx.device, manifest.config.head_dim, attention, manifest.torch_dtype)
     return Model(manifest.config, RankLayout(manifest.config, manifest.tp, ctx.tp_rank), {}, ctx.tp_group,
                  backend, compile)
+
+
+def eager_model(ctx: Context, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> Model:
+    """The uncompiled model that a rank whose model compiles scores its first batches with
+    meanwhile (the warm start, `evaluate.Settings.eager_batches`): SDPA with masks, which needs no
+    compiler, on the loaded weights. Its all-reduces go through `ctx.spare` while the compiled
+    model's warm-up uses `ctx.tp_group` on a stream of its own, so neither waits on the other."""
+    return Model(manifest.config, RankLayout(manifest.config, manifest.tp, ctx.tp_rank), tensors, ctx.spare,
+                 BlockAttention(), None, EAGER_PACE if ctx.device.type == "cuda" else 0)
 
 
 def placeholder_layer(manifest: Manifest, device: torch.device) -> dict[str, torch.Tensor]:

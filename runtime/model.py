@@ -7,6 +7,7 @@ the tokens of its own sequence so far, and shared prefixes are computed once.
 from __future__ import annotations
 
 import os
+from collections import deque
 from typing import Any
 
 import torch
@@ -52,10 +53,13 @@ class Model:
 
     def __init__(self, config: ModelConfig, lay: RankLayout, tensors: dict[str, torch.Tensor],
                  group: dist.ProcessGroup | None = None, attention: Attention | None = None,
-                 compile: str | None = None):
+                 compile: str | None = None, pace: int = 0):
         """compile: None (eager), "block" (the whole block in one graph, for fixed-shape batches)
-        or "around-attention" (the work before and after an eager attention call, any length)."""
-        self.c, self.lay, self.w, self.group = config, lay, tensors, group
+        or "around-attention" (the work before and after an eager attention call, any length).
+        pace > 0 (CUDA): at most that many layers wait queued on the device, the thread sleeping
+        meanwhile, for a model run beside Python in another thread: a launch into CUDA's full
+        queue would block holding the GIL."""
+        self.c, self.lay, self.w, self.group, self.pace = config, lay, tensors, group, pace
         self.attention = attention or BlockAttention()
         self.compiles = compile is not None
         if self.compiles:
@@ -131,8 +135,14 @@ class Model:
         cos = self.w[names.ROPE_COS][b.positions][:, None]                      # [N, 1, hd/2]
         sin = self.w[names.ROPE_SIN][b.positions][:, None]
         attn = self.attention.prepare(b)                                        # shared by all layers
+        queued: deque[torch.cuda.Event] = deque()
         for i in range(self.c.n_layers):
             h = self.layer(i, h, cos, sin, attn)
+            if self.pace:
+                queued.append(torch.cuda.Event(blocking=True))
+                queued[-1].record()
+                if len(queued) > self.pace:
+                    queued.popleft().synchronize()
         h = rms_norm(h[b.select], self.w[names.NORM], self.c.norm_eps)
         return (h @ self.w[names.OUTPUT].T).float()
 

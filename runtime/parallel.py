@@ -33,12 +33,12 @@ import threading
 import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing import resource_tracker
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -71,6 +71,8 @@ class Context:
     launched: float                # time.time() when the ranks were started
     control: dist.ProcessGroup | None = None   # all ranks over gloo, for small messages (see _make_context)
     peers: dist.ProcessGroup | None = None     # the ranks of this tp rank, one per replica (they load one file)
+    spare: dist.ProcessGroup | None = None     # tp > 1: tp_group's ranks again, a communicator of their own for
+                                               # the warm start's uncompiled batches (see load.eager_model)
 
     @property
     def is_main(self) -> bool:
@@ -94,10 +96,13 @@ def _make_context(rank: int, world: int, tp: int, device_type: str, local_rank: 
         # Errors, skip sets and results go over the CPU, so NCCL carries only the model's tensors and
         # never builds a communicator of all ranks (on GPUs: a second of start-up, after loading).
         control = dist.new_group(backend="gloo")
-    peers = None
+    peers = spare = None
     if world > tp:
         peers = [dist.new_group(list(range(t, world, tp))) for t in range(tp)][rank % tp]
-    return Context(rank, world, tp, device, tp_group, rank % tp, rank // tp, world // tp, launched, control, peers)
+    if tp > 1:   # made last, so the groups above keep their names (the compiled block names tp_group's)
+        spare = [dist.new_group(list(range(r * tp, (r + 1) * tp))) for r in range(world // tp)][rank // tp]
+    return Context(rank, world, tp, device, tp_group, rank % tp, rank // tp, world // tp, launched, control, peers,
+                   spare)
 
 
 def device_threads(device: torch.device, workers: int = 1) -> ThreadPoolExecutor:
@@ -119,22 +124,39 @@ def peers_reachable(ctx: Context) -> bool:
                for r in range(ctx.tp_rank, ctx.world, ctx.tp) if r != ctx.rank)
 
 
-def connect(group: dist.ProcessGroup, device: torch.device) -> Callable[[], None]:
-    """Start building `group`'s communicator (NCCL builds it at a group's first collective: ~1-2 s
-    on the H200s, run 21) in a thread of its own; returns a call that waits for it. A daemon
-    thread: a rank that fails while a peer never connects is not held open by it."""
-    done: Future[None] = Future()
+class Connections:
+    """The groups' communicators, built one after another in the order given (NCCL builds a
+    group's at its first collective: ~1-2 s on the H200s, run 21) in a thread of their own, on a
+    stream of their own: their first collectives wait on no other work of the GPU (such as a warm
+    start's batches, which wait on another communicator). A daemon thread: a rank that fails while
+    a peer never connects is not held open by it. Every rank of a group must build it in the same
+    order relative to its other groups."""
 
-    def run() -> None:
-        try:
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            dist.all_reduce(torch.zeros(1, device=device), group=group)
-            done.set_result(None)
-        except BaseException as e:  # noqa: BLE001 - handed to whoever waits
-            done.set_exception(e)
-    threading.Thread(target=run, daemon=True, name="connect").start()
-    return done.result
+    def __init__(self, groups: Sequence[dist.ProcessGroup], device: torch.device):
+        self._done: list[tuple[dist.ProcessGroup, Future[None]]] = [(g, Future()) for g in groups]
+        threading.Thread(target=self._run, args=(device,), daemon=True, name="connect").start()
+
+    def _run(self, device: torch.device) -> None:
+        side = nullcontext()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            side = torch.cuda.stream(torch.cuda.Stream(device))
+        with side:
+            for group, done in self._done:
+                try:
+                    dist.all_reduce(torch.zeros(1, device=device), group=group)
+                    done.set_result(None)
+                except BaseException as e:  # noqa: BLE001 - handed to whoever waits
+                    for _, left in self._done:
+                        if not left.done():
+                            left.set_exception(e)
+                    return
+
+    def wait(self, group: dist.ProcessGroup | None) -> None:
+        """Until `group`'s communicator is built (at once for a group not built here)."""
+        for g, done in self._done:
+            if g is group:
+                done.result()
 
 
 def together(ctx: Context, fn: Callable[[], T]) -> T:

@@ -4,8 +4,8 @@
 
 Left: seconds for the full HellaSwag split on the LLaMA-30B shape: the engine in float8 and fp16
 (run 8), `llama-run hellaswag` from process start warm and cold (run 14, fp16) and warm on two
-GPUs as tp 2 and as 2 replicas (run 24, the first warm run of each), HF transformers as
-lm-eval runs it (session 2, run 5). Middle: one layer's milliseconds per variant (run 8). Right: a
+GPUs as tp 2 and as 2 replicas (run 26, with the warm start; the first warm run of each), HF
+transformers as lm-eval runs it (session 2, run 5). Middle: one layer's milliseconds per variant (run 8). Right: a
 real model's accuracy (SmolLM2-135M, full split) in float32, fp16 and float8 (run 11).
 Needs matplotlib (not a llamafuse dependency: `pip install matplotlib`).
 """
@@ -25,7 +25,7 @@ def main(bench: Path, out: Path) -> None:
         sys.exit("plot_performance: needs matplotlib (pip install matplotlib)")
     r8 = json.loads((bench / "h200-run8-fp8.json").read_text())
     e2e = json.loads((bench / "h200-run14-x2.json").read_text())["e2e_tp1_60layers"]
-    two = json.loads((bench / "h200-run24-x2.json").read_text())
+    two = json.loads((bench / "h200-run26-x2.json").read_text())
     r5 = json.loads((bench / "h200-run5-all-parts.json").read_text())
     r11 = json.loads((bench / "h200-run11-smollm2.json").read_text())["smollm2_hellaswag"]
     bars = [("llamafuse float8 (engine)", r8["fp8"]["seconds"], "#1b5e8c"),

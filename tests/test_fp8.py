@@ -3,6 +3,7 @@ the whole model within its tolerance of the float64 reference, and GPUs without 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -108,9 +109,9 @@ def test_float8_refused_before_loading(monkeypatch, tmp_path: Path, stories_meta
     reads: list[object] = []
     monkeypatch.setattr(evaluate, "load_rank", lambda *a, **k: reads.append(a))
     ctx = Context(0, 1, 1, torch.device("cuda", 0), None, 0, 0, 1, time.time())
-    with pytest.raises(LlamafuseError, match="FP8 matrix units"):
-        evaluate._ready_model(ctx, out, load_manifest(out), evaluate.Settings(64, progress=False),
-                              tqdm(disable=True), "hellaswag", 0.0)
+    with pytest.raises(LlamafuseError, match="FP8 matrix units"), ThreadPoolExecutor(2) as pool:
+        evaluate._Startup(ctx, out, load_manifest(out), evaluate.Settings(64, progress=False), pool,
+                          tqdm(disable=True), "hellaswag")
     assert not reads
 
 

@@ -367,10 +367,12 @@ def test_cli_hellaswag_matches_llama_run_hellaswag(ours_sp, work, data_dir):
         assert harness[f"{k}_stderr,none"] == pytest.approx(ours[f"{k}_stderr"], abs=1e-12), k
 
 
-def test_load_threads_reach_the_ranks_and_bad_model_args_are_one_line(ours_512, monkeypatch):
-    """`load_threads` (as the harness passes model arguments: strings) goes into the ranks'
-    Settings and the results' config; a model argument that is not a positive integer is one
-    clear error."""
+def test_load_threads_and_eager_batches_reach_the_ranks_and_bad_model_args_are_one_line(ours_512, monkeypatch):
+    """`load_threads` and `eager_batches` (as the harness passes model arguments: strings) go into
+    the ranks' Settings and the results' config; a model argument that is not a positive integer
+    (eager_batches: not a non-negative one) is one clear error; llama-run lm-eval's options of the
+    same names are checked and handed to the backend."""
+    from llamafuse.runtime.evaluate import EAGER_BATCHES
     seen: list = []
 
     @contextmanager
@@ -378,22 +380,27 @@ def test_load_threads_reach_the_ranks_and_bad_model_args_are_one_line(ours_512, 
         seen.append(args[-1])
         yield None
     monkeypatch.setattr(backend, "start", start)
-    lm = LlamafuseLM(ours_512, device="cpu", load_threads="3")
+    lm = LlamafuseLM(ours_512, device="cpu", load_threads="3", eager_batches="0")
     with lm._start():
         pass
     assert seen[0].load_threads == 3 and lm.get_model_info()["load_threads"] == 3
+    assert seen[0].eager_batches == 0 and lm.get_model_info()["eager_batches"] == 0
+    assert LlamafuseLM(ours_512, device="cpu").eager_batches == EAGER_BATCHES   # the default
     for name, bad in [("load_threads", "0"), ("load_threads", "many"), ("batch_tokens", "-1"), ("replicas", "x")]:
         with pytest.raises(LlamafuseError, match=f"^{name} must be a positive integer, got '{bad}'$"):
             LlamafuseLM(ours_512, device="cpu", **{name: bad})
-    # llama-run lm-eval --load-threads: checked, and handed to the backend
+    for bad in ("-1", "two"):
+        with pytest.raises(LlamafuseError, match=f"^eager_batches must be a non-negative integer, got '{bad}'$"):
+            LlamafuseLM(ours_512, device="cpu", eager_batches=bad)
     prepared: list = []
     monkeypatch.setattr(backend, "prepare", lambda *a: (prepared.append(a), _stop())[1])
     r = CliRunner().invoke(llama_run_main, ["lm-eval", str(ours_512), "--tasks", "arc_easy_local", "--device", "cpu",
-                                            "--load-threads", "4"])
-    assert r.exit_code == 2 and "stopped after prepare" in r.output and prepared[0][-1] == 4, r.output
-    r = CliRunner().invoke(llama_run_main, ["lm-eval", str(ours_512), "--tasks", "arc_easy_local",
-                                            "--load-threads", "0"])
-    assert r.exit_code == 2 and "Invalid value for '--load-threads'" in r.output
+                                            "--load-threads", "4", "--eager-batches", "5"])
+    assert r.exit_code == 2 and "stopped after prepare" in r.output and prepared[0][-2:] == (4, 5), r.output
+    for option in ("--load-threads", "--eager-batches"):
+        r = CliRunner().invoke(llama_run_main, ["lm-eval", str(ours_512), "--tasks", "arc_easy_local",
+                                                option, "-1"])
+        assert r.exit_code == 2 and f"Invalid value for '{option}'" in r.output
 
 
 def _stop() -> None:

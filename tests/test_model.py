@@ -234,3 +234,39 @@ def test_a_compiling_model_compiles_in_this_process(monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "8")
     Model(c, lay, {}, None, BlockAttention(), compile="block")
     assert inductor.compile_threads == 8
+
+
+def test_a_paced_model_keeps_few_layers_queued(stories, monkeypatch):
+    """`Model(pace=n)` records an event after each layer and, once more than n are pending, waits
+    for the oldest (CUDA's events stood in for on the CPU): at most n layers are queued ahead of
+    the thread, which sleeps rather than block in a full launch queue holding the GIL. An unpaced
+    model records none, and pacing leaves the scores as they are."""
+    log: list[tuple[str, int]] = []
+
+    class Event:
+        made = 0
+
+        def __init__(self, blocking: bool = False) -> None:
+            assert blocking, "a paced wait must sleep, not spin"
+            self.n, Event.made = Event.made, Event.made + 1
+
+        def record(self, stream=None) -> None:
+            log.append(("record", self.n))
+
+        def synchronize(self) -> None:
+            log.append(("wait", self.n))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    m, tensors, items = stories
+    ib = prepare([it.group() for it in items[:2]])
+    lay = RankLayout(m.config, 1, 0)
+    ref = Model(m.config, lay, tensors, None, BlockAttention()).target_logprobs(*ib[:3])[0]
+    assert log == []
+    n_layers, pace = m.config.n_layers, 2
+    got = Model(m.config, lay, tensors, None, BlockAttention(), pace=pace).target_logprobs(*ib[:3])[0]
+    assert torch.equal(got, ref)
+    expected = []
+    for i in range(n_layers):
+        expected.append(("record", i))
+        if i >= pace:
+            expected.append(("wait", i - pace))
+    assert log == expected and n_layers > pace

@@ -6,6 +6,7 @@ Every run goes through the real command line in a subprocess (tp > 1 spawns gloo
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import itertools
 import json
@@ -23,6 +24,7 @@ import torch
 from llamafuse.convert.sources import open_source
 from llamafuse.convert.write import convert
 from llamafuse.formats.reference import Reference, reference_logits
+from llamafuse.runtime.evaluate import EAGER_BATCHES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoints import llama30b_like  # noqa: E402
@@ -283,7 +285,8 @@ def test_tensor_parallel_matches_tp1(tp, work, big_outs, big_runs):
 
 def test_replicas_match_single_process(work, stories_out, stories_runs):
     """Two data-parallel CPU replicas (gloo) split the batches and still score every item once;
-    the timing's parts add up, ready counting from the ranks' start (their own start-up in it)."""
+    the timing's parts add up, none negative (eval: from when every rank began scoring until the
+    last one ended), ready counting from the ranks' start (their own start-up in it)."""
     run = hellaswag(stories_out, work, "stories-rep2", "--replicas", 2, limit=N_STORIES)
     assert run["results"]["settings"]["replicas"] == 2
     assert max_diff(lls_of(run), lls_of(stories_runs[True])) <= SAME_TOL
@@ -292,6 +295,7 @@ def test_replicas_match_single_process(work, stories_out, stories_runs):
     assert t["ready_s"] >= t["load_s"] > 0 and t["data_s"] > 0  # ready: from the ranks' start (spawn, imports)
     assert 0.3 < t["rank_start_s"] < t["ready_s"]   # a spawned rank starts an interpreter and imports torch
     assert t["wall_s"] == pytest.approx(t["startup_s"] + t["ready_s"] + t["eval_s"] + t["other_s"], abs=0.01)
+    assert t["other_s"] >= 0
 
 
 def test_results_written_before_the_ranks_are_reaped(work, stories_out):
@@ -479,12 +483,13 @@ def test_hellaswag_reads_its_data_once_the_ranks_started(stories_out, monkeypatc
 
 def test_load_threads_reach_the_loader(stories_out, monkeypatch):
     """`llama-run hellaswag --load-threads N` records N in the results' settings, and a rank reads
-    its weights with N threads (`Settings.load_threads`); 0 is refused in one line."""
+    its weights with N threads (`Settings.load_threads`); 0 is refused in one line. So is
+    `--eager-batches -1`, and `--eager-batches 0` is recorded."""
     from click.testing import CliRunner
     from tqdm import tqdm
 
     from llamafuse.formats import load_manifest
-    from llamafuse.runtime import cli, evaluate
+    from llamafuse.runtime import cli, evaluate, parallel
     from llamafuse.runtime.parallel import Context
     r = CliRunner().invoke(cli.main, ["hellaswag", str(stories_out), "--data", str(VAL), "--limit", "2",
                                       "--device", "cpu", "--load-threads", "3", "--json"])
@@ -492,12 +497,19 @@ def test_load_threads_reach_the_loader(stories_out, monkeypatch):
     assert json.loads(r.stdout)["settings"]["load_threads"] == 3
     r = CliRunner().invoke(cli.main, ["hellaswag", str(stories_out), "--device", "cpu", "--load-threads", "0"])
     assert r.exit_code == 2 and "Invalid value for '--load-threads'" in r.output
+    r = CliRunner().invoke(cli.main, ["hellaswag", str(stories_out), "--data", str(VAL), "--limit", "2",
+                                      "--device", "cpu", "--eager-batches", "0", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["settings"]["eager_batches"] == 0
+    r = CliRunner().invoke(cli.main, ["hellaswag", str(stories_out), "--device", "cpu", "--eager-batches", "-1"])
+    assert r.exit_code == 2 and "Invalid value for '--eager-batches'" in r.output
     threads: list = []
     real = evaluate.load_rank
     monkeypatch.setattr(evaluate, "load_rank", lambda *a: (threads.append(a[4]), real(*a))[1])
     ctx = Context(0, 1, 1, torch.device("cpu"), None, 0, 0, 1, time.time())
-    evaluate._ready_model(ctx, stories_out, load_manifest(stories_out), evaluate.Settings(64, progress=False,
-                          load_threads=5), tqdm(disable=True), "test", 0.0)
+    with parallel.device_threads(ctx.device, 2) as pool:
+        evaluate._Startup(ctx, stories_out, load_manifest(stories_out), evaluate.Settings(64, progress=False,
+                          load_threads=5), pool, tqdm(disable=True), "test").weights()
     assert threads == [5]
 
 
@@ -578,15 +590,16 @@ def test_parts_of_a_rank_file_cover_it_in_aligned_equal_parts():
             assert count * length - ALIGN * count < size <= count * length
 
 
-def test_gpu_ranks_build_their_first_communicator_early_and_replicas_share_reading(monkeypatch):
+def test_gpu_ranks_build_their_first_communicators_early_and_replicas_share_reading(monkeypatch):
     """`_reading_plan`: on GPUs a tp > 1 rank has its tp group's communicator built from the start
-    and reads its whole file; replicas of a tp 1 model read a part each and build their peers'
-    communicator, if their GPUs reach each other directly on one host (else each reads all of
-    it); a lone GPU and CPU ranks (gloo, memory maps) do neither."""
+    (and, for a warm start, first its spare group's, which the uncompiled batches use) and reads
+    its whole file; replicas of a tp 1 model read a part each and build their peers' communicator,
+    if their GPUs reach each other directly on one host (else each reads all of it); a lone GPU and
+    CPU ranks (gloo, memory maps) do neither."""
     from llamafuse.runtime.evaluate import _reading_plan
     from llamafuse.runtime.load import Part
     from llamafuse.runtime.parallel import Context
-    tp, peers = object(), object()
+    tp, peers, spare = object(), object(), object()
     reach: list = []
     p2p = {1}   # the GPUs with peer access to the others
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
@@ -596,18 +609,21 @@ def test_gpu_ranks_build_their_first_communicator_early_and_replicas_share_readi
     def ctx(device: str, n_tp: int, replicas: int) -> Context:
         dev = torch.device("cuda", 1) if device == "cuda" else torch.device("cpu")   # rank 1's GPU
         return Context(1, n_tp * replicas, n_tp, dev, tp if n_tp > 1 else None, 1 % n_tp,
-                       1 // n_tp, replicas, 0.0, None, peers if replicas > 1 else None)
-    assert _reading_plan(ctx("cuda", 2, 1)) == (None, tp)
-    assert _reading_plan(ctx("cuda", 2, 2)) == (None, tp)
-    assert _reading_plan(ctx("cuda", 1, 2)) == (Part(1, 2), peers) and reach == [(1, 0)]
+                       1 // n_tp, replicas, 0.0, None, peers if replicas > 1 else None, spare if n_tp > 1 else None)
+    assert _reading_plan(ctx("cuda", 2, 1), False) == (None, [tp])
+    assert _reading_plan(ctx("cuda", 2, 1), True) == (None, [spare, tp])
+    assert _reading_plan(ctx("cuda", 2, 2), False) == (None, [tp])
+    for warm in (False, True):
+        assert _reading_plan(ctx("cuda", 1, 2), warm) == (Part(1, 2), [peers]) and reach == [(1, 0)]
+        reach.clear()
     p2p.clear()
-    assert _reading_plan(ctx("cuda", 1, 2)) == (None, None)   # no peer access: each reads its file
+    assert _reading_plan(ctx("cuda", 1, 2), True) == (None, [])   # no peer access: each reads its file
     p2p.add(1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")                # torchrun, one rank per host
-    assert _reading_plan(ctx("cuda", 1, 2)) == (None, None)
-    assert _reading_plan(ctx("cuda", 1, 1)) == (None, None)
-    assert _reading_plan(ctx("cpu", 2, 2)) == (None, None)
-    assert _reading_plan(ctx("cpu", 1, 2)) == (None, None)
+    assert _reading_plan(ctx("cuda", 1, 2), True) == (None, [])
+    assert _reading_plan(ctx("cuda", 1, 1), True) == (None, [])
+    assert _reading_plan(ctx("cpu", 2, 2), True) == (None, [])
+    assert _reading_plan(ctx("cpu", 1, 2), True) == (None, [])
 
 
 def test_replicas_swap_the_parts_they_read():
@@ -629,6 +645,137 @@ def test_replicas_sharing_their_reading_get_the_whole_model(stories_out):
     from llamafuse.runtime import parallel
     from spawn_worker import shared_reading
     assert parallel.launch(shared_reading, 1, 2, "cpu", stories_out) == [(0, True, True), (1, True, True)]
+
+
+def _planned(folder: Path, n_items: int, batch_tokens: int = 300):
+    """The first `n_items` HellaSwag items for the model in `folder`, planned as llama-run plans them."""
+    from llamafuse.formats import load_manifest
+    from llamafuse.formats.tokenizer import read_tokenizer
+    from llamafuse.runtime import evaluate
+    from llamafuse.runtime.hellaswag import build_items, load_docs
+    m = load_manifest(folder)
+    tok = read_tokenizer(folder / m.tokenizer.file, m.config.vocab_size)
+    items = build_items(load_docs(str(VAL), n_items), tok, m.tokenizer.bos_id)
+    return evaluate.plan([it.group() for it in items], frozenset(), batch_tokens)
+
+
+def _score_here(folder: Path, work, eager_batches: int):
+    """`score_worker` as a lone rank in this process runs it."""
+    from llamafuse.formats import load_manifest
+    from llamafuse.runtime import evaluate
+    from llamafuse.runtime.parallel import Context
+    ctx = Context(0, 1, 1, torch.device("cpu"), None, 0, 0, 1, time.time())
+    settings = evaluate.Settings(300, progress=False, eager_batches=eager_batches)
+    return evaluate.score_worker(ctx, folder, load_manifest(folder), settings, lambda: (work,))
+
+
+def test_warm_start_scores_the_first_batches_uncompiled_then_switches(stories_out, monkeypatch):
+    """Where the model compiles (as on a GPU; the compiler stood in for), a rank scores its first
+    `eager_batches` batches on the uncompiled model while another thread builds and warms up the
+    compiled one, then every other batch on the compiled one. Which batches run uncompiled is
+    fixed by the count, never by timing: a warm-up 1.5 s slower changes nothing but the wait. The
+    uncompiled batches run with the interpreter's switch interval lowered (`EAGER_SWITCH_S`), the
+    rest with it as it was; CUDA's cached memory is freed once, at the switch. The scores equal a run without the warm start; the phases are reported."""
+    import sys
+    import threading
+
+    from llamafuse.runtime.evaluate import EAGER_SWITCH_S
+
+    from spawn_worker import compiling_as_on_a_gpu
+    work = _planned(stories_out, 24)
+    n = len(work.batches)
+    assert n >= 5
+    cold = None
+    for eager_batches, delay in ((0, 0.0), (2, 0.0), (2, 1.5)):
+        log = compiling_as_on_a_gpu(monkeypatch.setattr, delay)
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: log.append(("empty_cache",)))
+        result = _score_here(stories_out, work, eager_batches)
+        batches = [e for e in log if e[0] == "batch"]
+        assert [compiles for _, compiles, *_ in batches] == [False] * eager_batches + [True] * (n - eager_batches)
+        assert {thread for _, _, thread, _ in batches} == {threading.get_ident()}
+        default = sys.getswitchinterval()
+        assert [interval for *_, interval in batches] == [EAGER_SWITCH_S] * eager_batches + [default] * (
+            n - eager_batches) and default != EAGER_SWITCH_S
+        assert [e[0] for e in log].count("warm_up") == 1 and next(e for e in log if e[0] == "warm_up")[1] != \
+            threading.get_ident()
+        # the caches the uncompiled batches and the compile's stream held are freed once, at the switch
+        assert [e[0] for e in log if e[0] in ("batch", "empty_cache")] == (
+            ["batch"] * eager_batches + ["empty_cache"] + ["batch"] * (n - eager_batches) if eager_batches
+            else ["batch"] * n)
+        ph = result.phases
+        assert ph.eager_batches == eager_batches and ph.steady_s > 0
+        assert (ph.eager_s > 0) == (eager_batches > 0) and (ph.wait_s > 1.0) == (delay > 0)
+        assert result.ready.scoring_s <= result.ready.total_s or not eager_batches
+        if cold is None:
+            cold = result.scores
+            continue
+        assert sorted(result.scores) == sorted(cold)
+        for k, s in result.scores.items():
+            assert [ll for ll, _ in s] == pytest.approx([ll for ll, _ in cold[k]], abs=SAME_TOL)
+
+
+def test_warm_start_with_fewer_batches_runs_them_all_uncompiled(stories_out, monkeypatch):
+    """A replica with no more batches than the warm start's scores them all on the uncompiled
+    model and still ends cleanly (the compiling thread finishes first); on the CPU, where nothing
+    compiles, there is no warm start at all."""
+    from spawn_worker import compiling_as_on_a_gpu
+    work = _planned(stories_out, 4, batch_tokens=4096)
+    assert len(work.batches) == 1
+    with monkeypatch.context() as patched:
+        log = compiling_as_on_a_gpu(patched.setattr)
+        result = _score_here(stories_out, work, 3)
+        assert [e[1] for e in log if e[0] == "batch"] == [False] and result.phases.eager_batches == 1
+    result = _score_here(stories_out, work, 3)
+    assert result.phases.eager_batches == 0 and result.phases.steady_s == pytest.approx(result.eval_s)
+
+
+def test_warm_start_under_tensor_parallelism_keeps_its_all_reduces_apart(work, big_outs):
+    """tp 2 (gloo processes): the uncompiled batches' all-reduces go through the spare group and
+    the compiled model's (its warm-up's, beside them in another thread, and the later batches')
+    through the tp group, so neither waits on the other's; both ranks switch at the same batch and
+    the scores equal tp 1's."""
+    from llamafuse.runtime import parallel
+    from spawn_worker import warm_start
+    planned = _planned(big_outs[2], 16)
+    n = len(planned.batches)
+    result, logs = parallel.launch(warm_start, 2, 1, "cpu", big_outs[2], planned, 2)
+    for log in logs:
+        assert [e[1] for e in log if e[0] == "batch"] == [False] * 2 + [True] * (n - 2)
+        reduces = {(compiles, group) for kind, compiles, group in (e for e in log if e[0] == "all_reduce")}
+        assert reduces == {(False, "spare"), (True, "tp")}
+    assert result.phases.eager_batches == 2
+    alone = _score_here(big_outs[1], planned, 0)
+    assert sorted(result.scores) == sorted(alone.scores)
+    for k, s in result.scores.items():
+        assert [ll for ll, _ in s] == pytest.approx([ll for ll, _ in alone.scores[k]], abs=SAME_TOL)
+
+
+def test_connections_are_built_in_order_and_report_failures(monkeypatch):
+    """`Connections` builds the groups' communicators one after another in the order given, in a
+    thread of its own; `wait` returns once a group's is built (at once for a group not among
+    them) and raises, for that group and every later one, what building it raised."""
+    import threading
+
+    from llamafuse.runtime import parallel
+    built: list[tuple[str, int]] = []
+    release = threading.Event()
+
+    def all_reduce(t, group=None):
+        release.wait(10)
+        if group == "bad":
+            raise RuntimeError("peer gone")
+        built.append((group, threading.get_ident()))
+    monkeypatch.setattr(parallel.dist, "all_reduce", all_reduce)
+    c = parallel.Connections(["a", "b"], torch.device("cpu"))
+    c.wait("not built here")
+    release.set()
+    c.wait("b")
+    assert [g for g, _ in built] == ["a", "b"] and built[0][1] != threading.get_ident()
+    c = parallel.Connections(["a", "bad", "c"], torch.device("cpu"))
+    c.wait("a")
+    for g in ("bad", "c"):
+        with pytest.raises(RuntimeError, match="peer gone"):
+            c.wait(g)
 
 
 def test_spawned_ranks_start_before_their_data(tmp_path):
@@ -788,10 +935,13 @@ def test_results_and_samples_fields(stories_runs, stories_docs, stories_sp, stor
     for k in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr"):
         assert isinstance(r[k], float) and 0.0 <= r[k] <= 1.0, k
     t = r["timing"]
-    for k in ("wall_s", "startup_s", "ready_s", "rank_start_s", "build_s", "load_s", "swap_s", "compile_s", "eval_s",
-              "other_s", "data_s", "tokens", "tokens_per_s"):
+    for k in ("wall_s", "startup_s", "ready_s", "rank_start_s", "build_s", "load_s", "swap_s", "compile_s",
+              "model_ready_s", "eval_s", "eager_batches", "eager_s", "compile_wait_s", "steady_eval_s", "other_s",
+              "data_s", "tokens", "tokens_per_s"):
         assert k in t and t[k] >= 0, k
     assert t["eval_s"] > 0 and t["tokens_per_s"] > 0 and t["compile_s"] == 0  # nothing compiles on the CPU
+    assert t["eager_batches"] == t["eager_s"] == t["compile_wait_s"] == 0   # so there is no warm start
+    assert t["steady_eval_s"] == pytest.approx(t["eval_s"], abs=0.002) and t["model_ready_s"] <= t["ready_s"]
     assert t["swap_s"] == 0   # replicas share their reading on GPUs only
     assert t["startup_s"] > 0.5   # counted from the process start: at least the imports
     assert 0 < t["data_s"] < t["startup_s"]   # one rank in this process starts after the tokenizing
@@ -809,6 +959,7 @@ def test_results_and_samples_fields(stories_runs, stories_docs, stories_sp, stor
     assert s["model"] == str(stories_out) and s["dtype"] == "float32" and s["tp"] == 1
     assert s["replicas"] == 1 and s["device"] == "cpu"
     assert s["batch_tokens"] == 300 and s["limit"] == N_STORIES and s["data"] == str(VAL)
+    assert s["eager_batches"] == EAGER_BATCHES   # the default, recorded
     assert s["bos"] is True and stories_runs[False]["results"]["settings"]["bos"] is False
 
     for rec in run["records"]:
@@ -1105,3 +1256,76 @@ def test_reference_tokens_outside_vocab(work, stories_out):
 def test_logits_text_longer_than_rotary_tables(work, stories_out):
     one_line_error(llama_run("logits", stories_out, "--text", "Lily ran. " * 1500, "--device", "cpu",
                              "--output", work / "too-long.safetensors", combined=True))
+
+
+class _Stream:
+    def synchronize(self) -> None:
+        pass
+
+
+class _Streams:
+    """CUDA streams stood in for on the CPU: `torch.cuda.stream(s)` makes `s` this thread's
+    current stream (`current()`) within its block."""
+
+    def __init__(self, monkeypatch) -> None:
+        import threading
+        self.local = threading.local()
+        monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _Stream())
+        monkeypatch.setattr(torch.cuda, "stream", self.stream)
+
+    def current(self):
+        return getattr(self.local, "stream", None)
+
+    @contextlib.contextmanager
+    def stream(self, s):
+        before, self.local.stream = self.current(), s
+        try:
+            yield
+        finally:
+            self.local.stream = before
+
+
+def test_gpu_start_up_collectives_run_on_streams_of_their_own(monkeypatch, stories_out):
+    """On a GPU (stood in for), `Connections` builds its communicators, and `_Startup` compiles
+    (the warm-up's all-reduces), each on a side stream, never the default one that the warm start's
+    uncompiled batches queue on, so neither waits on those batches' collectives."""
+    from llamafuse.formats import load_manifest
+    from llamafuse.runtime import evaluate, parallel
+    streams = _Streams(monkeypatch)
+    seen: list = []
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: None)
+    monkeypatch.setattr(parallel.dist, "all_reduce", lambda t, group=None: seen.append((group, streams.current())))
+    parallel.Connections(["a", "b"], torch.device("cuda", 0)).wait("b")
+    assert [g for g, _ in seen] == ["a", "b"] and all(s is not None for _, s in seen)
+
+    class Compiling:
+        compiles = True
+
+        def warm_up(self, n, layer0):
+            seen.append(("warm_up", streams.current()))
+    startup = object.__new__(evaluate._Startup)
+    startup.ctx = parallel.Context(0, 1, 1, torch.device("cuda", 0), None, 0, 0, 1, time.time())
+    startup.manifest, startup.settings = load_manifest(stories_out), evaluate.Settings(64, progress=False)
+    startup.t0, startup.warm, startup.connected = time.perf_counter(), True, parallel.Connections([], startup.ctx.device)
+    monkeypatch.setattr(evaluate, "new_model", lambda *a: Compiling())
+    monkeypatch.setattr(evaluate, "placeholder_layer", lambda *a: {})
+    seen.clear()
+    startup._build(None, "test")
+    assert seen[0][0] == "warm_up" and seen[0][1] is not None
+
+
+def test_the_warm_start_model_is_uncompiled_paced_and_on_the_spare_group(stories_out):
+    """`load.eager_model`: the mask path (no compiler), on the weights given, its all-reduces on
+    `Context.spare`; paced on a GPU (`EAGER_PACE` layers queued), not on the CPU."""
+    from llamafuse.formats import load_manifest
+    from llamafuse.runtime.attention import BlockAttention
+    from llamafuse.runtime.load import EAGER_PACE, eager_model
+    from llamafuse.runtime.parallel import Context
+    m, spare, weights = load_manifest(stories_out), object(), {"w": torch.zeros(1)}
+    for device, pace in ((torch.device("cuda", 0), EAGER_PACE), (torch.device("cpu"), 0)):
+        ctx = Context(0, 2, 2, device, object(), 0, 0, 1, 0.0, None, None, spare)
+        model = eager_model(ctx, m, weights)
+        assert not model.compiles and isinstance(model.attention, BlockAttention)
+        assert model.group is spare and model.w is weights and model.pace == pace
+    assert EAGER_PACE > 0
