@@ -53,7 +53,8 @@ class CallStats:
     request_tokens: int # what a backend running each request on its own runs
     load_s: float
     compile_s: float    # compiling kernels (sm80+ GPUs), while the weights load
-    ready_s: float      # from the ranks' start until both were done
+    ready_s: float      # from the ranks' start until they began scoring (the warm start: their weights loaded,
+                        # the compiler maybe still at work)
     eval_s: float       # all batches
 
 
@@ -203,7 +204,7 @@ class LlamafuseLM(TemplateLM):
             result = ranks.run(plan(groups, frozenset(), self.batch_tokens))
         self.calls.append(CallStats(request_type, len(requests), result.tokens, hf_tokens(requests),
                                     sum(len(r.inputs) for r in requests), result.ready.load_s,
-                                    result.ready.compile_s, result.ready.total_s, result.eval_s))
+                                    result.ready.compile_s, result.ready.scoring_s, result.eval_s))
         return [score for g in groups for score in result.scores[g.key]]
 
     @contextmanager
@@ -379,8 +380,8 @@ def report(job: Job, results: dict, num_fewshot: int | None, limit: int | None) 
     for c in lm.calls:
         lines.append(f"{c.request_type}: {c.requests:,} requests, {c.tokens:,} tokens run (hf backend: "
                      f"{c.hf_tokens:,}, {c.hf_tokens / max(c.tokens, 1):.2f}x; one forward per request: "
-                     f"{c.request_tokens:,}); ready {c.ready_s:.1f} s (load {c.load_s:.1f} s and compile "
-                     f"{c.compile_s:.1f} s side by side), eval {c.eval_s:.1f} s, "
+                     f"{c.request_tokens:,}); ready {c.ready_s:.1f} s (load {c.load_s:.1f} s; compile "
+                     f"{c.compile_s:.1f} s beside it and any uncompiled batches), eval {c.eval_s:.1f} s, "
                      f"{c.tokens / max(c.eval_s, 1e-9):,.0f} tok/s")
     return "\n".join(lines)
 
