@@ -15,7 +15,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 from itertools import chain
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -91,9 +91,6 @@ class Ready:
     scoring_s: float = 0.0      # from the ranks' start until every rank began scoring (the warm start: once
                                 # its weights were on the device, on the uncompiled model)
 
-    @staticmethod
-    def slowest(ranks: Sequence[Ready]) -> Ready:
-        return Ready(*(max(getattr(r, f.name) for r in ranks) for f in fields(Ready)))
 
 
 @dataclass(frozen=True)
@@ -105,9 +102,13 @@ class Phases:
     steady_s: float = 0.0       # all of its batches at the rate of the model it ended on (the compiled one):
                                 # the eval time without the warm start's slower batches and wait
 
-    @staticmethod
-    def slowest(replicas: Sequence[Phases]) -> Phases:
-        return Phases(*(max(getattr(r, f.name) for r in replicas) for f in fields(Phases)))
+
+T = TypeVar("T", Ready, Phases)
+
+
+def _slowest(ranks: Sequence[T]) -> T:
+    """Each field's largest value across the ranks' records."""
+    return type(ranks[0])(*(max(getattr(r, f.name) for r in ranks) for f in fields(ranks[0])))
 
 
 @dataclass(frozen=True)
@@ -474,11 +475,11 @@ def score_groups(ctx: Context, model: Model, groups: Sequence[Group], settings: 
     dist.gather_object(mine_result, gathered, dst=0, group=ctx.control)
     if not ctx.is_main:
         return None
-    ready = Ready.slowest([g.ready for g in gathered])
+    ready = _slowest([g.ready for g in gathered])
     return RunResult({k: v for g in gathered for k, v in g.scores.items()}, ready,
                      max(g.ready.scoring_s + g.eval_s for g in gathered) - ready.scoring_s,  # until the last ended
                      sum(g.tokens for g in gathered), ctx.replicas, str(ctx.device),
-                     Phases.slowest([g.phases for g in gathered]))
+                     _slowest([g.phases for g in gathered]))
 
 
 def _split(groups: Sequence[Group], flat: list[list[float]]) -> list[list[Score]]:

@@ -66,13 +66,15 @@ class LlamafuseLM(TemplateLM):
     forest tokens per batch [default: 16384 on CUDA, 2048 on CPU]; `replicas`: data-parallel
     copies [default: all GPUs / tp; 1 on CPU]; `load_threads`: threads reading the weights onto
     each GPU [default: 16]; `eager_batches`: where the model compiles, the batches of each replica
-    scored uncompiled while the compiler gets ready [default: 2; 0 waits for it]. The harness's own `batch_size` and
-    `max_batch_size` (which its CLI always passes) do not apply: batches are sized in tokens.
+    scored uncompiled while the compiler gets ready [default: `evaluate.EAGER_BATCHES`; 0 waits for
+    it]. The harness's own `batch_size` and `max_batch_size` (which its CLI always passes) do not
+    apply: batches are sized in tokens.
     """
 
     def __init__(self, pretrained: str | Path, device: str | None = None, batch_tokens: int | None = None,
                  replicas: int | None = None, attention: str = "auto", load_threads: int | str = THREADS,
-                 eager_batches: int | str = EAGER_BATCHES, batch_size: int | str | None = None, max_batch_size: int | None = None) -> None:
+                 eager_batches: int | str = EAGER_BATCHES, batch_size: int | str | None = None,
+                 max_batch_size: int | None = None) -> None:
         super().__init__()
         if launched_rank() is not None:
             raise LlamafuseError("the lm-eval backend starts its own processes (tp and replicas); "

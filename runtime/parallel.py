@@ -89,10 +89,10 @@ def _make_context(rank: int, world: int, tp: int, device_type: str, local_rank: 
     device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
     if device_type == "cuda":
         torch.cuda.set_device(device)
+    replica_ranks = [list(range(r * tp, (r + 1) * tp)) for r in range(world // tp)]   # each replica's tp group
     tp_group = control = None
     if world > 1:
-        groups = [dist.new_group(list(range(r * tp, (r + 1) * tp))) for r in range(world // tp)]
-        tp_group = groups[rank // tp]
+        tp_group = [dist.new_group(ranks) for ranks in replica_ranks][rank // tp]
         # Errors, skip sets and results go over the CPU, so NCCL carries only the model's tensors and
         # never builds a communicator of all ranks (on GPUs: a second of start-up, after loading).
         control = dist.new_group(backend="gloo")
@@ -100,7 +100,7 @@ def _make_context(rank: int, world: int, tp: int, device_type: str, local_rank: 
     if world > tp:
         peers = [dist.new_group(list(range(t, world, tp))) for t in range(tp)][rank % tp]
     if tp > 1:   # made last, so the groups above keep their names (the compiled block names tp_group's)
-        spare = [dist.new_group(list(range(r * tp, (r + 1) * tp))) for r in range(world // tp)][rank // tp]
+        spare = [dist.new_group(ranks) for ranks in replica_ranks][rank // tp]
     return Context(rank, world, tp, device, tp_group, rank % tp, rank // tp, world // tp, launched, control, peers,
                    spare)
 

@@ -491,18 +491,13 @@ def test_load_threads_reach_the_loader(stories_out, monkeypatch):
     from llamafuse.formats import load_manifest
     from llamafuse.runtime import cli, evaluate, parallel
     from llamafuse.runtime.parallel import Context
-    r = CliRunner().invoke(cli.main, ["hellaswag", str(stories_out), "--data", str(VAL), "--limit", "2",
-                                      "--device", "cpu", "--load-threads", "3", "--json"])
-    assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["settings"]["load_threads"] == 3
-    r = CliRunner().invoke(cli.main, ["hellaswag", str(stories_out), "--device", "cpu", "--load-threads", "0"])
-    assert r.exit_code == 2 and "Invalid value for '--load-threads'" in r.output
-    r = CliRunner().invoke(cli.main, ["hellaswag", str(stories_out), "--data", str(VAL), "--limit", "2",
-                                      "--device", "cpu", "--eager-batches", "0", "--json"])
-    assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["settings"]["eager_batches"] == 0
-    r = CliRunner().invoke(cli.main, ["hellaswag", str(stories_out), "--device", "cpu", "--eager-batches", "-1"])
-    assert r.exit_code == 2 and "Invalid value for '--eager-batches'" in r.output
+    for option, good, bad in (("--load-threads", 3, 0), ("--eager-batches", 0, -1)):
+        r = CliRunner().invoke(cli.main, ["hellaswag", str(stories_out), "--data", str(VAL), "--limit", "2",
+                                          "--device", "cpu", option, str(good), "--json"])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["settings"][option[2:].replace("-", "_")] == good
+        r = CliRunner().invoke(cli.main, ["hellaswag", str(stories_out), "--device", "cpu", option, str(bad)])
+        assert r.exit_code == 2 and f"Invalid value for '{option}'" in r.output
     threads: list = []
     real = evaluate.load_rank
     monkeypatch.setattr(evaluate, "load_rank", lambda *a: (threads.append(a[4]), real(*a))[1])
