@@ -3,9 +3,9 @@
     python3 scripts/plot_performance.py docs/bench docs/performance.png
 
 Left: seconds for the full HellaSwag split on the LLaMA-30B shape: the engine in float8 and fp16
-(run 8), `llama-run hellaswag` from process start warm and cold (run 14, fp16) and warm on two
-GPUs as tp 2 and as 2 replicas (run 26, with the warm start; the first warm run of each), HF
-transformers as lm-eval runs it (session 2, run 5). Middle: one layer's milliseconds per variant (run 8). Right: a
+(run 8), `llama-run hellaswag` from process start, warm and cold, on one GPU and on two as tp 2
+and as 2 replicas (run 27, fp16, with the warm start), HF transformers as lm-eval runs it
+(session 2, run 5). Middle: one layer's milliseconds per variant (run 8). Right: a
 real model's accuracy (SmolLM2-135M, full split) in float32, fp16 and float8 (run 11).
 Needs matplotlib (not a llamafuse dependency: `pip install matplotlib`).
 """
@@ -24,17 +24,16 @@ def main(bench: Path, out: Path) -> None:
     except ImportError:
         sys.exit("plot_performance: needs matplotlib (pip install matplotlib)")
     r8 = json.loads((bench / "h200-run8-fp8.json").read_text())
-    e2e = json.loads((bench / "h200-run14-x2.json").read_text())["e2e_tp1_60layers"]
-    two = json.loads((bench / "h200-run26-x2.json").read_text())
+    e2e = json.loads((bench / "h200-run27.json").read_text())
     r5 = json.loads((bench / "h200-run5-all-parts.json").read_text())
     r11 = json.loads((bench / "h200-run11-smollm2.json").read_text())["smollm2_hellaswag"]
     bars = [("llamafuse float8 (engine)", r8["fp8"]["seconds"], "#1b5e8c"),
             ("llamafuse fp16 (engine)", r8["eval"]["seconds"], "#2a7ab9"),
-            ("llama-run, fp16, process start to results, warm", e2e["warm"]["timing"]["wall_s"], "#6aa6d6"),
-            ("llama-run, fp16, process start to results, cold", e2e["cold"]["timing"]["wall_s"], "#9cc4e6"),
-            ("llama-run, fp16, tp 2 on two H200s, warm", two["tp2_60"]["warm"]["timing"]["wall_s"], "#4e8f5a"),
-            ("llama-run, fp16, 2 replicas on two H200s, warm", two["rep2_60"]["warm"]["timing"]["wall_s"],
-             "#7fbf8a"),
+            *[(f"llama-run, fp16, {where}, {run}", e2e[key][run]["timing"]["wall_s"], color)
+              for key, where, colors in (("tp1_60", "process start to results", ("#6aa6d6", "#9cc4e6")),
+                                         ("tp2_60", "tp 2 on two H200s", ("#4e8f5a", "#8fc79a")),
+                                         ("rep2_60", "2 replicas on two H200s", ("#3d8c8c", "#86c2c2")))
+              for run, color in zip(("warm", "cold"), colors)],
             ("HF transformers, lm-eval style, batch 64", r5["hf"]["batch64"]["extrapolated_s"], "#d98c3a"),
             ("HF transformers, lm-eval style, batch 1", r5["hf"]["batch1"]["extrapolated_s"], "#d98c3a")]
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(17, 4.2), gridspec_kw={"width_ratios": [3, 2, 1.4]})
