@@ -92,7 +92,6 @@ class Ready:
                                 # its weights were on the device, on the uncompiled model)
 
 
-
 @dataclass(frozen=True)
 class Phases:
     """How a replica's eval time went, in seconds (across ranks: the slowest's of each)."""

@@ -670,7 +670,8 @@ def test_warm_start_scores_the_first_batches_uncompiled_then_switches(stories_ou
     compiled one, then every other batch on the compiled one. Which batches run uncompiled is
     fixed by the count, never by timing: a warm-up 1.5 s slower changes nothing but the wait. The
     uncompiled batches run with the interpreter's switch interval lowered (`EAGER_SWITCH_S`), the
-    rest with it as it was; CUDA's cached memory is freed once, at the switch. The scores equal a run without the warm start; the phases are reported."""
+    rest with it as it was; CUDA's cached memory is freed once, at the switch. The scores equal a
+    run without the warm start; the phases are reported."""
     import sys
     import threading
 
