@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import click
 
 from llamafuse.formats import LlamafuseError
 from llamafuse.formats import WEIGHT_DTYPES
-from llamafuse.formats.interrupts import Interrupted, interrupts
+from llamafuse.formats.interrupts import interrupts, interruption
 
 from .sources import open_source
 from .write import convert, size_text
@@ -39,13 +38,15 @@ def main(src: Path, out: Path, tp: int, dtype: str, max_seq_len: int | None, tok
         with interrupts():  # SIGTERM (kill, timeout, job schedulers) cleans up like Ctrl-C
             source = open_source(src, max_seq_len)
             summary = convert(source, out, tp, dtype, force=force, tokenizer=tokenizer, progress=True)
-    except LlamafuseError as e:
-        click.echo(f"llama-convert: error: {e}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt as e:
-        stop = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
-        click.echo(f"llama-convert: {stop}; nothing was written to the destination", err=True)
-        sys.exit(stop.exit_code)
+    except (Exception, KeyboardInterrupt) as e:
+        stop = interruption(e)    # first: an error that a stop signal caused reports the signal
+        if stop is not None:
+            click.echo(f"llama-convert: {stop}; nothing was written to the destination", err=True)
+            sys.exit(stop.exit_code)
+        if isinstance(e, LlamafuseError):
+            click.echo(f"llama-convert: error: {e}", err=True)
+            sys.exit(2)
+        raise
     for tmp in summary.removed:
         click.echo(f"llama-convert: removed {tmp}, left by a conversion that was killed", err=True)
     total = sum(n for _, n in summary.files)

@@ -45,6 +45,23 @@ def on_stop_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
             signal.signal(s, signal.SIG_DFL if h is None else h)
 
 
+def interruption(e: BaseException) -> Interrupted | None:
+    """The stop signal behind `e`: `e` itself, or an exception it was raised from or while handling.
+
+    A signal that lands while a C extension initializes comes out of the import as
+    ImportError("initialization failed") raised from our Interrupted. A KeyboardInterrupt that is
+    not ours (SIGINT before the handler was set) counts as SIGINT.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return cur if isinstance(cur, Interrupted) else Interrupted(signal.SIGINT)
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def _raise(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
 

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from llamafuse.formats import LlamafuseError, Manifest, load_manifest
-from llamafuse.formats.interrupts import Interrupted, interrupts
+from llamafuse.formats.interrupts import interrupts, interruption
 from llamafuse.formats.manifest import MANIFEST, sha256_file
 from llamafuse.formats.tokenizer import Tokenizer
 
@@ -56,18 +56,19 @@ def _fail(msg: str, code: int = 2) -> None:
 
 
 def user_errors(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Report LlamafuseError as one line and a non-zero exit, never a traceback."""
+    """Report LlamafuseError, SIGINT and SIGTERM as one line and a non-zero exit, never a traceback."""
     @wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             with interrupts():  # SIGTERM (kill, timeout, schedulers) ends the run like Ctrl-C
                 return f(*args, **kwargs)
-        except LlamafuseError as e:
-            _fail(str(e))
-        except Interrupted as e:
-            _fail(str(e), e.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
+        except (Exception, KeyboardInterrupt) as e:
+            stop = interruption(e)    # first: an error that a stop signal caused reports the signal
+            if stop is not None:
+                _fail(str(stop), stop.exit_code)
+            if isinstance(e, LlamafuseError):
+                _fail(str(e))
+            raise
     return wrapper
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from llamafuse.convert.cli import main as cli_main
 from llamafuse.convert.sources import open_source
 from llamafuse.convert.write import convert
 from llamafuse.formats import FORMAT_NAME, FORMAT_VERSION, LlamafuseError, load_manifest, rank_tensor_specs
+from llamafuse.formats.interrupts import Interrupted
 from llamafuse.formats.reference import reference_logits
 from llamafuse.formats.tensorfile import DATA_ALIGN, read_header
 from llamafuse.runtime.parallel import launch
@@ -801,6 +803,18 @@ def test_interrupt_through_cli(env, monkeypatch) -> None:
     r = run_cli(env.meta, env.out)
     assert r.exit_code == 130 and "interrupted" in r.stderr and "Traceback" not in r.output
     assert not env.out.exists() and leftovers(env.tmp) == []
+
+
+def test_signal_inside_an_import_through_cli(env, monkeypatch) -> None:
+    """A SIGTERM that lands while a C extension initializes surfaces as ImportError("initialization
+    failed") raised from our Interrupted: it is reported as the signal, in one line, exit 143."""
+    failed = ImportError("initialization failed")
+    failed.__cause__ = Interrupted(signal.SIGTERM)
+    _fail_after(monkeypatch, 10, failed, [])
+    r = run_cli(env.meta, env.out)
+    assert (r.exit_code, r.stderr.splitlines()[-1]) == (
+        143, "llama-convert: interrupted by SIGTERM; nothing was written to the destination"), r.output
+    assert "Traceback" not in r.output and not env.out.exists() and leftovers(env.tmp) == []
 
 
 # ---------------------------------------------------------------------------------------------

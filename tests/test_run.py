@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -479,6 +480,30 @@ def test_hellaswag_reads_its_data_once_the_ranks_started(stories_out, monkeypatc
                                       "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert events == ["start", "read"]
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["import", "import-in-user-error"])
+def test_signal_inside_an_import_is_reported_as_the_signal(stories_out, monkeypatch, wrapped):
+    """A SIGINT that lands while a C extension initializes (sentencepiece, reading the tokenizer)
+    surfaces as ImportError("initialization failed") raised from our Interrupted, perhaps inside a
+    LlamafuseError raised while handling it: `llama-run` reports the signal in one line, exit 130."""
+    from click.testing import CliRunner
+
+    from llamafuse.formats import LlamafuseError
+    from llamafuse.formats.interrupts import Interrupted
+    from llamafuse.runtime import cli, options
+
+    def read_tokenizer(*args):
+        try:
+            raise ImportError("initialization failed") from Interrupted(signal.SIGINT)
+        except ImportError:
+            if wrapped:
+                raise LlamafuseError("cannot read the tokenizer") from None
+            raise
+    monkeypatch.setattr(options, "read_tokenizer", read_tokenizer)
+    r = CliRunner().invoke(cli.main, ["hellaswag", str(stories_out), "--data", str(VAL), "--limit", "2",
+                                      "--device", "cpu"])
+    assert (r.exit_code, r.stderr.splitlines()) == (130, ["llama-run: error: interrupted by SIGINT"]), r.output
 
 
 def test_load_threads_reach_the_loader(stories_out, monkeypatch):
