@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
+from functools import partial
 from typing import Any, Callable, Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -46,11 +48,13 @@ def on_stop_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
 
 
 def interruption(e: BaseException) -> Interrupted | None:
-    """The stop signal behind `e`: `e` itself, or an exception it was raised from or while handling.
+    """The stop signal behind `e`, or None if no stop signal ended the run.
 
-    A signal that lands while a C extension initializes comes out of the import as
-    ImportError("initialization failed") raised from our Interrupted. A KeyboardInterrupt that is
-    not ours (SIGINT before the handler was set) counts as SIGINT.
+    Where `e` was raised from or while handling a KeyboardInterrupt: a signal that lands while a C
+    extension initializes comes out of the import as ImportError("initialization failed") raised
+    from our Interrupted, and one that is not ours (SIGINT before the handler was set) counts as
+    SIGINT. Else the first signal `interrupts()` recorded: one that lands in a finalizer is lost
+    there (`__del__` cannot raise), and the run ends otherwise, e.g. with its ranks gone.
     """
     seen: set[int] = set()
     cur: BaseException | None = e
@@ -59,13 +63,36 @@ def interruption(e: BaseException) -> Interrupted | None:
             return cur if isinstance(cur, Interrupted) else Interrupted(signal.SIGINT)
         seen.add(id(cur))
         cur = cur.__cause__ or cur.__context__
-    return None
+    return Interrupted(_arrived[0]) if _arrived else None
+
+
+_arrived: list[int] = []   # the stop signals raised as Interrupted since the outermost `interrupts()` began
 
 
 def _raise(signum: int, frame: Any) -> None:
+    _arrived.append(signum)
     raise Interrupted(signum)
 
 
-def interrupts() -> AbstractContextManager[None]:
-    """`with interrupts():` SIGINT and SIGTERM raise Interrupted (in the main thread)."""
-    return on_stop_signals(_raise)
+def _unraisable(hook: Callable[[Any], Any], unraisable: Any) -> None:
+    """sys.unraisablehook: an Interrupted lost in a finalizer is recorded, not printed."""
+    if not isinstance(unraisable.exc_value, Interrupted):
+        hook(unraisable)
+
+
+@contextmanager
+def interrupts() -> Iterator[None]:
+    """`with interrupts():` SIGINT and SIGTERM raise Interrupted (in the main thread) and are
+    recorded for `interruption`; the outermost block starts a fresh record."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if _raise not in [signal.getsignal(s) for s in STOP_SIGNALS]:
+        _arrived.clear()
+    hook = sys.unraisablehook
+    sys.unraisablehook = partial(_unraisable, hook)
+    try:
+        with on_stop_signals(_raise):
+            yield
+    finally:
+        sys.unraisablehook = hook

@@ -482,22 +482,32 @@ def test_hellaswag_reads_its_data_once_the_ranks_started(stories_out, monkeypatc
     assert events == ["start", "read"]
 
 
-@pytest.mark.parametrize("wrapped", [False, True], ids=["import", "import-in-user-error"])
-def test_signal_inside_an_import_is_reported_as_the_signal(stories_out, monkeypatch, wrapped):
+@pytest.mark.parametrize("where", ["import", "import-in-user-error", "finalizer"])
+def test_signal_lost_on_its_way_is_reported_as_the_signal(stories_out, monkeypatch, where):
     """A SIGINT that lands while a C extension initializes (sentencepiece, reading the tokenizer)
     surfaces as ImportError("initialization failed") raised from our Interrupted, perhaps inside a
-    LlamafuseError raised while handling it: `llama-run` reports the signal in one line, exit 130."""
+    LlamafuseError raised while handling it; one that lands in a finalizer (`__del__`) is lost
+    there, and the run then fails otherwise (its ranks got the SIGINT too). Each time `llama-run`
+    reports the signal, in one line, exit 130."""
     from click.testing import CliRunner
 
     from llamafuse.formats import LlamafuseError
     from llamafuse.formats.interrupts import Interrupted
     from llamafuse.runtime import cli, options
 
+    class Finalizer:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)    # the handler runs here, and its exception cannot leave __del__
+
     def read_tokenizer(*args):
+        if where == "finalizer":
+            Finalizer()
+            raise LlamafuseError("rank 1 was killed by SIGINT")
         try:
             raise ImportError("initialization failed") from Interrupted(signal.SIGINT)
         except ImportError:
-            if wrapped:
+            if where == "import-in-user-error":
                 raise LlamafuseError("cannot read the tokenizer") from None
             raise
     monkeypatch.setattr(options, "read_tokenizer", read_tokenizer)
