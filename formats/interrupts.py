@@ -47,6 +47,9 @@ def on_stop_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
             signal.signal(s, signal.SIG_DFL if h is None else h)
 
 
+_arrived: list[int] = []   # the stop signals raised as Interrupted since the outermost `interrupts()` began
+
+
 def interruption(e: BaseException) -> Interrupted | None:
     """The stop signal behind `e`, or None if no stop signal ended the run.
 
@@ -64,9 +67,6 @@ def interruption(e: BaseException) -> Interrupted | None:
         seen.add(id(cur))
         cur = cur.__cause__ or cur.__context__
     return Interrupted(_arrived[0]) if _arrived else None
-
-
-_arrived: list[int] = []   # the stop signals raised as Interrupted since the outermost `interrupts()` began
 
 
 def _raise(signum: int, frame: Any) -> None:
