@@ -134,7 +134,8 @@ class Connections:
 
     def __init__(self, groups: Sequence[dist.ProcessGroup], device: torch.device):
         self._done: list[tuple[dist.ProcessGroup, Future[None]]] = [(g, Future()) for g in groups]
-        threading.Thread(target=self._run, args=(device,), daemon=True, name="connect").start()
+        if self._done:   # a lone GPU or CPU ranks: no thread, no stream
+            threading.Thread(target=self._run, args=(device,), daemon=True, name="connect").start()
 
     def _run(self, device: torch.device) -> None:
         side = nullcontext()
